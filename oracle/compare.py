@@ -1,0 +1,86 @@
+"""The comparator: reference trace vs model trace -> the first divergence."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .guest import ExecLog
+from .trace import RefTrace, Stop, Trace
+
+ZERO_STEP, MULTI_STEP, SKIPPED, PC_MISMATCH = "zero-step", "multi-step", "skipped-instruction", "pc-mismatch"
+MISSING_STOP, EXTRA_STOP, OUTCOME, STATE = "missing-stop", "extra-stop", "outcome-mismatch", "state-mismatch"
+
+
+@dataclass(frozen=True)
+class Divergence:
+    era: str
+    kind: str
+    stop: int                     # index of the first stop that differs (or the end)
+    cause: str                    # what happened in that window: traps and events
+    expected: Stop | None         # the reference's stop there
+    got: Stop | None              # the model's stop there
+    detail: str = ""
+
+    @property
+    def signature(self) -> str:
+        """Stable across runs and cases: era, kind and cause, never PCs or counts."""
+        return f"{self.era}/{self.kind}/{self.cause}"
+
+    @property
+    def sig_id(self) -> str:
+        return hashlib.sha1(self.signature.encode()).hexdigest()[:12]
+
+    @property
+    def title(self) -> str:
+        what = {ZERO_STEP: "a stop with no instruction stepped",
+                MULTI_STEP: f"{self.got.steps if self.got else '?'} instructions in one step",
+                SKIPPED: "an instruction skipped without running",
+                PC_MISMATCH: "a stop at the wrong PC",
+                MISSING_STOP: "a missing stop", EXTRA_STOP: "an extra stop",
+                OUTCOME: "a different run ending", STATE: "a different final guest state"}[self.kind]
+        return f"{self.era}: {what} after {self.cause.replace('+', ' + ')}"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "stop": self.stop, "signature": self.signature,
+                "id": self.sig_id, "cause": self.cause, "title": self.title,
+                "expected": _stop_json(self.expected), "got": _stop_json(self.got),
+                **({"detail": self.detail} if self.detail else {})}
+
+
+def _stop_json(s: Stop | None) -> dict | None:
+    return None if s is None else {"pc": s.pc, "steps": s.steps, "isv": s.isv}
+
+
+def _cause(why: tuple[str, ...]) -> str:
+    return "+".join(sorted(set(why))) or "plain"
+
+
+def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
+    skipped_before = sorted(i for i, _ in model.skipped)
+    stops = model.stops
+    for i, (pc, got) in enumerate(zip(ref.pcs, stops)):
+        if got.steps == 1 and got.pc == pc:
+            continue
+        if skipped_before and skipped_before[0] <= i:
+            kind = SKIPPED
+        elif got.steps == 0:
+            kind = ZERO_STEP
+        elif got.steps >= 2:
+            kind = MULTI_STEP
+        else:
+            kind = PC_MISMATCH
+        return Divergence(era, kind, i, _cause(got.why), Stop(pc, 1, 0), got)
+    n = min(len(ref.pcs), len(stops))
+    if len(stops) != len(ref.pcs):
+        if len(stops) > n:
+            return Divergence(era, EXTRA_STOP, n, _cause(stops[n].why), None, stops[n])
+        return Divergence(era, MISSING_STOP, n, model.outcome, Stop(ref.pcs[n], 1, 0), None,
+                          detail=model.detail)
+    if model.outcome != ref.outcome:
+        return Divergence(era, OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
+                          detail=model.detail)
+    if model.final_regs is not None and log is not None and model.final_regs != log.final_regs():
+        diff = sorted(k for k, v in model.final_regs.items() if log.final_regs()[k] != v)
+        return Divergence(era, STATE, n, "skip" if model.skipped else "emulation", None, None,
+                          detail="registers differ: " + ", ".join(diff))
+    return None

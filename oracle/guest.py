@@ -1,0 +1,461 @@
+"""The guest CPU: runs a case's program in Unicorn, as a KVM guest would run it.
+
+`execute(case)` runs the program once in its ideal order and returns an
+`ExecLog`: the PC of every instruction that completed, and for each one that
+meets the hypervisor on the way (a stage-2 fault, an MMIO access, a trapped
+debug register, an HVC) what it met.  Those instructions never run natively
+in Unicorn: they are emulated here exactly as KVM emulates them (a loaded
+MMIO value goes into Rt with the syndrome's sign-extension and width, HVC
+returns the PSCI/SMCCC result), so the reference and every era model share
+one definition of what each instruction does.
+
+One Unicorn instance serves the whole process.  Guest physical addresses are
+translated by a TLB-fill hook onto a fixed arena of Unicorn memory, so a new
+case costs no mapping calls, and flushing the TLB per case makes "first touch
+of a page" (a stage-2 fault) exactly "first TLB fill of that page".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ctypes
+
+import unicorn.unicorn_const as ucc
+from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
+from unicorn import arm64_const as A
+
+from .case import IPA_LIMIT, MAX_RAM, PAGE, Case
+from .isa import DBGREG, MEM, STORE_EXCLUSIVE, decode
+
+ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM
+ARENA_SIZE = MAX_RAM + 2 * PAGE
+SUBPAGE = 0x400                   # Unicorn's TLB granule on AArch64
+B_SELF = 0x14000000               # `b .`: what follows every program
+EXCP_HVC = 11                     # QEMU's exception number for HVC
+BUDGET_SLACK = 2                  # instructions run past max_steps, for models that overshoot
+
+FETCH, READ, WRITE = ucc.UC_MEM_FETCH, ucc.UC_MEM_READ, ucc.UC_MEM_WRITE
+RX = ucc.UC_PROT_READ | ucc.UC_PROT_EXEC
+RW = ucc.UC_PROT_READ | ucc.UC_PROT_WRITE
+
+# Run endings.  `end` and `max-steps` are normal; the others stop the run at
+# an instruction both the reference and the models treat identically.
+END, MAX_STEPS = "end", "max-steps"
+GUEST_EXCEPTION = "guest-exception"   # the guest takes an exception to its own EL1 (UNDEF, ...)
+UNSUPPORTED_INSN = "unsupported"      # an instruction stepfuzz does not model
+NO_SYNDROME = "no-syndrome"           # MMIO access without a valid ISS: KVM_RUN fails, ENOSYS
+LEFT_CODE = "left-code"               # the guest branched outside its code
+
+# PSCI / SMCCC as KVM answers them (the runner pins PSCI to v1.0 so every
+# kernel answers alike).  Any other function id in these service ranges is
+# implemented by some kernel with some effect -> not modelled.
+PSCI_VERSION_1_0 = 0x10000
+HVC_RESULTS = {0x84000000: PSCI_VERSION_1_0,     # PSCI_VERSION
+               0x84000006: 2,                    # MIGRATE_INFO_TYPE: no trusted OS to migrate
+               0x80000000: 0x10001}              # SMCCC_VERSION: 1.1
+NOT_SUPPORTED = (1 << 64) - 1
+KVM_HVC_RANGES = ((0x80000000, 0x8000FFFF), (0x84000000, 0x8400FFFF), (0xC4000000, 0xC400FFFF),
+                  (0x86000000, 0x8600FFFF), (0xC6000000, 0xC600FFFF))
+
+MASK64 = (1 << 64) - 1
+X_REGS = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
+REG_IDS = dict(zip([f"x{i}" for i in range(31)], X_REGS)) | {"sp": A.UC_ARM64_REG_SP}
+
+
+def hvc_result(func: int) -> int | None:
+    """x0 after an HVC #0 with function id `func` (low 32 bits of x0); None if not modelled."""
+    func &= 0xFFFFFFFF
+    if func in HVC_RESULTS:
+        return HVC_RESULTS[func]
+    if any(lo <= func <= hi for lo, hi in KVM_HVC_RANGES):
+        return None
+    return NOT_SUPPORTED
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """A data access that left the guest: what KVM reports in kvm_run.mmio."""
+    kernel: bool              # handled by an in-kernel device (mmio-kernel)
+    write: bool
+    addr: int
+    size: int
+    value: int                # written value, or the value the load returned
+
+
+@dataclass(frozen=True, slots=True)
+class Special:
+    """What one dynamic instruction meets besides running natively."""
+    faults: tuple[str, ...] = ()      # stage-2 faults before it completes: "fetch" / "data"
+    kind: str = "native"              # native | mmio | dbgreg | hvc | a run ending
+    access: Access | None = None
+    detail: str = ""
+
+
+@dataclass
+class ExecLog:
+    """The ideal execution of a case (see module doc)."""
+    case: Case
+    pcs: list[int]                    # pcs[i]: i-th instruction; pcs[n] = where the guest stopped
+    specials: dict[int, Special]      # by dynamic index, including the index n of a run ending
+    outcome: str                      # END, MAX_STEPS or one of the run endings
+    detail: str = ""
+    redirects: tuple[tuple[int, int], ...] = ()
+    _regs: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def n(self) -> int:
+        """Number of instructions that completed."""
+        return len(self.pcs) - 1
+
+    def final_regs(self) -> dict[str, int]:
+        """x0-x30 and sp when the run ended (re-executes the case: rarely needed)."""
+        if self._regs is None:
+            self._regs = machine().run(self.case, self.redirects, want_regs=True)._regs
+        return self._regs
+
+
+def execute(case: Case, redirects: tuple[tuple[int, int], ...] = ()) -> ExecLog:
+    """Run `case` in its ideal order.  `redirects` ((i, pc), ...) sets the PC to
+    `pc` once i instructions have completed: how a model that skips an
+    instruction continues on its own path."""
+    return machine().run(case, redirects)
+
+
+_MACHINE: "Machine | None" = None
+
+
+def machine() -> "Machine":
+    global _MACHINE
+    if _MACHINE is None:
+        _MACHINE = Machine()
+    return _MACHINE
+
+
+class _Regs:
+    """Register access through Unicorn's C API: the Python binding's own
+    accessors cost several microseconds per call, too much per instruction."""
+
+    def __init__(self, uc: Uc):
+        from unicorn.unicorn_py3.unicorn import uclib
+        self._val = ctypes.c_uint64()
+        self._ptr = ctypes.cast(ctypes.pointer(self._val), ctypes.c_void_p)
+        self._uch, self._read, self._write = uc._uch, uclib.uc_reg_read, uclib.uc_reg_write
+
+    def __getitem__(self, reg: int) -> int:
+        self._read(self._uch, reg, self._ptr)
+        return self._val.value
+
+    def __setitem__(self, reg: int, value: int) -> None:
+        self._val.value = value
+        self._write(self._uch, reg, self._ptr)
+
+
+def _sysreg(uc: Uc, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
+    uc.reg_write(A.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2, value))
+
+
+class Machine:
+    """The process's one Unicorn CPU plus the per-run bookkeeping of its hooks.
+
+    Most instructions run natively inside one emu_start.  Trapped debug
+    registers and HVC are emulated inside Unicorn's hooks as they execute;
+    MMIO accesses stop emulation (the TLB refuses the page) and are emulated
+    here before it resumes; instructions not modelled are exit addresses, so
+    emulation stops before them.
+    """
+
+    def __init__(self) -> None:
+        uc = self.uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+        self.regs = _Regs(uc)
+        uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
+        uc.mem_map(ARENA, ARENA_SIZE)
+        # Make EL1 a proper AArch64 non-secure EL below an EL2 (Unicorn resets
+        # SCR_EL3/HCR_EL2 to 0), and leave FP/SIMD disabled like a fresh vCPU.
+        _sysreg(uc, 3, 6, 1, 1, 0, (1 << 10) | (1 << 8) | 1)   # SCR_EL3: RW | HCE | NS
+        _sysreg(uc, 3, 4, 1, 1, 0, 1 << 31)                     # HCR_EL2: RW
+        _sysreg(uc, 3, 0, 1, 0, 2, 0)                           # CPACR_EL1: FP traps
+        self.reset_context = uc.context_save()
+        uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        uc.hook_add(ucc.UC_HOOK_BLOCK, self._on_block)
+        uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
+        for insn in (A.UC_ARM64_INS_MRS, A.UC_ARM64_INS_MSR):
+            uc.hook_add(ucc.UC_HOOK_INSN, self._on_sysreg, None, 1, 0, insn)
+        uc.ctl_exits_enabled(True)
+        self.dirty: set[int] = set()          # arena subpages the last run may have written
+        self.exits: list[int] | None = None
+        self.loading = False
+        self.fault: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------ layout
+
+    def _load(self, case: Case) -> None:
+        uc = self.uc
+        self.case = case
+        self.ram: list[tuple[int, int, int, bool]] = []      # (base, end, arena offset, prefault)
+        off = 0
+        for r in case.memory:
+            if r.kind == "ram":
+                self.ram.append((r.base, r.end, off, r.prefault))
+                off += r.size
+        self.devices = [(r.base, r.end, r.kind == "mmio-kernel") for r in case.memory if r.kind != "ram"]
+        first = case.base & ~(PAGE - 1)
+        self.code_pages = range(first, (case.end + 4 + PAGE - 1) & ~(PAGE - 1), PAGE)
+        zero = bytes(SUBPAGE)
+        for sub in self.dirty:
+            uc.mem_write(sub, zero)
+        code = b"".join(w.to_bytes(4, "little") for w in case.words) + B_SELF.to_bytes(4, "little")
+        phys = self._phys(first)
+        uc.mem_write(phys, bytes(case.base - first) + code)
+        self.dirty = set(range(phys, phys + case.base - first + len(code), SUBPAGE))
+        # Drop stale translations of the code pages.  Translating the range
+        # goes through the TLB hook, so it happens before the per-run flush.
+        self.loading = True
+        uc.ctl_remove_cache(first, self.code_pages.stop)
+        self.loading = False
+        uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
+        exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
+        if exits != self.exits:
+            uc.ctl_set_exits(exits)
+            self.exits = exits
+
+    def _phys(self, addr: int) -> int:
+        for base, end, off, _ in self.ram:
+            if base <= addr < end:
+                return ARENA + off + addr - base
+        raise AssertionError(f"{addr:#x} is not guest RAM")
+
+    # ------------------------------------------------------------ hooks
+
+    def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _data) -> bool:
+        for base, end, off, prefault in self.ram:
+            if base <= vaddr < end:
+                break
+        else:
+            return self._refuse(vaddr, access)
+        page = vaddr & ~(PAGE - 1)
+        code_page = page in self.code_pages
+        # Code pages are read/execute only, so a store into one is seen here;
+        # nothing else may be executed.
+        if (access == WRITE and code_page) or (access == FETCH and not code_page):
+            return self._refuse(vaddr, access)
+        if not self.loading and not prefault and page not in self.touched:
+            self.touched.add(page)     # first touch: KVM takes a stage-2 fault
+            self._fault_at(self.retired if access == FETCH else self._index(), access)
+        sub = ARENA + off + ((vaddr - base) & ~(SUBPAGE - 1))
+        if access == WRITE:
+            self.dirty.add(sub)
+        entry.paddr = sub
+        entry.perms = RX if code_page else RW
+        return True
+
+    def _refuse(self, vaddr: int, access: int) -> bool:
+        # Only the first refusal of a run counts: Unicorn probes an exception
+        # vector after it, which means nothing here.
+        if self.fault is None:
+            self.fault = (vaddr, access)
+        return False
+
+    def _on_block(self, uc: Uc, addr: int, size: int, _data) -> None:
+        case = self.case
+        if not case.base <= addr < case.end:
+            # A branch left the code (into the rest of a code page).  Stop
+            # before this block runs; nothing in it counts.
+            self._ending(addr, LEFT_CODE, f"branched to {addr:#x}")
+            uc.emu_stop()
+            return
+        if self.retired >= self.budget:
+            self._ending(addr, MAX_STEPS, "")
+            uc.emu_stop()
+            return
+        self.block_pc, self.block_retired = addr, self.retired
+        self.segments.append([addr, size >> 2])
+        self.retired += size >> 2
+
+    def _on_sysreg(self, uc: Uc, reg: int, cp, _data) -> int:
+        """MRS/MSR as they execute: debug registers trap to KVM, which keeps
+        the guest's values in a shadow (reset 0, stored verbatim)."""
+        pc = self.regs[A.UC_ARM64_REG_PC]
+        insn = decode(self._word(pc))
+        if insn.kind != DBGREG:
+            return 0                       # an allowed native register
+        if insn.write:
+            self.dbgregs[insn.reg] = cp.val
+        else:
+            value = self.dbgregs.get(insn.reg, 0)
+            if insn.rt != 31:
+                self.regs[X_REGS[insn.rt]] = value
+        self.specials[self._index(pc)] = Special(kind="dbgreg", detail=insn.reg)
+        return 1                           # skip: emulated
+
+    def _on_intr(self, uc: Uc, intno: int, _data) -> None:
+        pc = self.regs[A.UC_ARM64_REG_PC]
+        if intno == EXCP_HVC and self.outcome is None:
+            pc -= 4                        # Unicorn reports HVC with the return address
+            func = self.regs[A.UC_ARM64_REG_X0]
+            imm = decode(self._word(pc)).imm
+            result = hvc_result(func) if imm == 0 else None
+            if result is not None:
+                for reg, value in zip(X_REGS[:4], (result, 0, 0, 0)):
+                    self.regs[reg] = value     # SMCCC: results in x0-x3
+                self.specials[self._index(pc)] = Special(kind="hvc", detail=f"{func & 0xFFFFFFFF:#x}")
+                return
+            self._cut(pc)
+            self._ending(pc, UNSUPPORTED_INSN, f"hvc #{imm} with function {func & 0xFFFFFFFF:#x} is not modelled")
+        elif self.outcome is None:
+            self._cut(pc)
+            self._ending(pc, GUEST_EXCEPTION, f"exception {intno} at {pc:#x}")
+        uc.emu_stop()
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _index(self, pc: int | None = None) -> int:
+        """Dynamic index of the instruction at `pc` in the current block."""
+        if pc is None:
+            pc = self.regs[A.UC_ARM64_REG_PC]
+        return self.block_retired + ((pc - self.block_pc) >> 2)
+
+    def _fault_at(self, index: int, access: int) -> None:
+        self.faults.setdefault(index, []).append("fetch" if access == FETCH else "data")
+
+    def _cut(self, pc: int) -> None:
+        """The current block stopped before `pc`: instructions from pc on did not complete."""
+        if self.segments:
+            seg = self.segments[-1]
+            if seg[0] <= pc < seg[0] + 4 * seg[1]:
+                done = (pc - seg[0]) >> 2
+                self.retired -= seg[1] - done
+                seg[1] = done
+
+    def _ending(self, pc: int, outcome: str, detail: str) -> None:
+        if self.outcome is None:
+            self.outcome, self.detail, self.stop_pc = outcome, detail, pc
+
+    def _complete(self, pc: int, special: Special | None) -> int:
+        """An instruction completed outside Unicorn (emulated): count it, go on after it."""
+        if special is not None:
+            self.specials[self.retired] = special
+        self.segments.append([pc, 1])
+        self.retired += 1
+        return pc + 4
+
+    # ------------------------------------------------------------ running
+
+    def run(self, case: Case, redirects: tuple[tuple[int, int], ...] = (), want_regs: bool = False) -> ExecLog:
+        uc, regs = self.uc, self.regs
+        self._load(case)
+        uc.context_restore(self.reset_context)
+        for name, value in case.regs:
+            regs[REG_IDS[name]] = value
+        self.touched: set[int] = set()
+        self.faults: dict[int, list[str]] = {}
+        self.specials: dict[int, Special] = {}
+        self.segments: list[list[int]] = []
+        self.retired = self.block_retired = 0
+        self.block_pc = case.base
+        self.budget = case.max_steps + BUDGET_SLACK
+        self.outcome: str | None = None
+        self.detail, self.stop_pc = "", case.base
+        self.dbgregs: dict[str, int] = {}
+        pending = dict(redirects)
+        pc = case.base
+        while self.outcome is None:
+            if pc == case.end:
+                self._ending(pc, END, "")
+                break
+            self.fault = None
+            try:
+                uc.emu_start(pc, 0)
+            except UcError as e:
+                pc = regs[A.UC_ARM64_REG_PC]
+                self._cut(pc)
+                pc = self._on_fault(pc, e)
+            else:
+                if self.outcome is not None:
+                    break
+                pc = regs[A.UC_ARM64_REG_PC]
+                self._cut(pc)
+                if self.retired >= self.budget and pc != case.end:
+                    self._ending(pc, MAX_STEPS, "")
+                    break
+                if pc != case.end:
+                    pc = self._on_exit(pc)
+            if self.retired in pending and self.outcome is None:
+                pc = pending.pop(self.retired)
+        return self._log(case, redirects, want_regs)
+
+    def _on_fault(self, pc: int, err: UcError) -> int:
+        """Emulation stopped on a TLB refusal at `pc`: MMIO, or leaving guest memory."""
+        if self.fault is None:
+            self._ending(pc, GUEST_EXCEPTION, f"{err} at {pc:#x}")
+            return pc
+        addr, access = self.fault
+        if access == FETCH:
+            self._ending(pc, LEFT_CODE, f"instruction fetch from {addr:#x}, which is not code")
+            return pc
+        if access == WRITE and (addr & ~(PAGE - 1)) in self.code_pages:
+            self._ending(pc, UNSUPPORTED_INSN, f"store to {addr:#x}, a page that holds code")
+            return pc
+        insn = decode(self._word(pc))
+        if addr >= IPA_LIMIT:
+            self._ending(pc, GUEST_EXCEPTION, f"access to {addr:#x}, beyond the guest physical space")
+            return pc
+        if insn.kind != MEM:
+            self._ending(pc, UNSUPPORTED_INSN, f"non load/store access to {addr:#x}")
+            return pc
+        if not insn.iss:
+            self._ending(pc, NO_SYNDROME, f"MMIO access to {addr:#x} without a valid syndrome")
+            return pc
+        kernel = any(b <= addr < e and k for b, e, k in self.devices)
+        regs = self.regs
+        mask = (1 << (8 * insn.size)) - 1
+        if insn.write:
+            value = 0 if insn.rt == 31 else regs[X_REGS[insn.rt]] & mask
+        else:
+            # KVM's MMIO completion: the device's bytes, sign-extended per SSE,
+            # truncated per SF, written to Rt (XZR discards).  An in-kernel
+            # device reads as zero (vGIC RAZ space).
+            value = 0 if kernel else self.case.mmio_read & mask
+            if insn.signed and value >> (8 * insn.size - 1):
+                value |= MASK64 & ~mask
+            if not insn.sf:
+                value &= 0xFFFFFFFF
+            if insn.rt != 31:
+                regs[X_REGS[insn.rt]] = value
+        return self._complete(pc, Special(kind="mmio", access=Access(kernel, insn.write, addr, insn.size, value)))
+
+    def _on_exit(self, pc: int) -> int:
+        """Emulation stopped before an instruction that cannot run natively."""
+        insn = decode(self._word(pc))
+        if insn.kind == STORE_EXCLUSIVE:
+            # Every stepped instruction follows an exception return, which
+            # clears the exclusive monitor: a store-exclusive always fails,
+            # without accessing memory (as QEMU implements it).
+            if insn.rs != 31:
+                self.regs[X_REGS[insn.rs]] = 1
+            return self._complete(pc, None)
+        self._ending(pc, UNSUPPORTED_INSN, f"{insn.reason} is not modelled")
+        return pc
+
+    def _word(self, pc: int) -> int:
+        case = self.case
+        if case.base <= pc < case.end:
+            return case.words[(pc - case.base) >> 2]
+        return B_SELF if pc == case.end else int.from_bytes(self.uc.mem_read(self._phys(pc), 4), "little")
+
+    def _log(self, case: Case, redirects: tuple[tuple[int, int], ...], want_regs: bool) -> ExecLog:
+        pcs: list[int] = []
+        for addr, count in self.segments:
+            pcs.extend(range(addr, addr + 4 * count, 4))
+        n = len(pcs)
+        pcs.append(self.stop_pc)
+        specials = self.specials
+        for index, kinds in self.faults.items():
+            if index <= n:         # (a fault of a block that never ran is not one)
+                old = specials.get(index, Special())
+                specials[index] = Special(tuple(kinds), old.kind, old.access, old.detail)
+        if self.outcome not in (END, MAX_STEPS):
+            specials[n] = Special(specials.get(n, Special()).faults, self.outcome, detail=self.detail)
+        log = ExecLog(case, pcs, specials, self.outcome or END, self.detail, redirects)
+        if want_regs:
+            log._regs = {name: self.regs[rid] for name, rid in REG_IDS.items()}
+        return log

@@ -1,0 +1,171 @@
+"""What each AArch64 instruction word means to the hypervisor.
+
+A pure-Python decoder of the few fields that decide whether and how an
+instruction exits to KVM: loads/stores (and the data-abort syndrome KVM
+would get for them), trapped debug system registers, HVC, and the
+instructions stepfuzz does not model.  It is fast enough for the fuzzing hot
+path (results are cached per word); capstone is used only for text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+PLAIN, MEM, DBGREG, HVC, STORE_EXCLUSIVE, UNSUPPORTED = range(6)
+
+
+@dataclass(frozen=True, slots=True)
+class Insn:
+    kind: int                 # PLAIN, MEM, DBGREG, HVC, STORE_EXCLUSIVE or UNSUPPORTED
+    # MEM: the data-abort syndrome fields (valid only when iss is True)
+    iss: bool = False         # would a data abort carry a valid ISS (single GPR, no writeback)?
+    write: bool = False
+    size: int = 0             # access size in bytes
+    rt: int = 0
+    rs: int = 0               # STORE_EXCLUSIVE: the status register
+    signed: bool = False      # SSE: sign-extend the loaded value
+    sf: bool = False          # SF: the destination is a 64-bit register
+    load_exclusive: bool = False
+    # DBGREG: which trapped debug register; HVC: its immediate
+    reg: str = ""
+    imm: int = 0
+    reason: str = ""          # UNSUPPORTED: why
+
+    @property
+    def stops(self) -> bool:
+        """Instructions Unicorn must stop before: they cannot run natively."""
+        return self.kind in (STORE_EXCLUSIVE, UNSUPPORTED)
+
+
+_PLAIN = Insn(PLAIN)
+
+# op0=3 system registers that never trap to KVM and behave alike in Unicorn
+# and on a real CPU: (op1, CRn, CRm, op2) -> name, and whether writes are fine.
+NATIVE_SYSREGS = {
+    (3, 13, 0, 2): ("tpidr_el0", True),
+    (3, 13, 0, 3): ("tpidrro_el0", True),
+    (0, 13, 0, 4): ("tpidr_el1", True),
+    (3, 4, 2, 0): ("nzcv", True),
+    (3, 4, 2, 1): ("daif", True),
+    (0, 4, 1, 0): ("sp_el0", True),
+    (0, 4, 2, 2): ("currentel", False),
+    (0, 4, 2, 0): ("spsel", True),
+}
+
+DEBUG_REG_KINDS = {4: "dbgbvr", 5: "dbgbcr", 6: "dbgwvr", 7: "dbgwcr"}
+DEBUG_REG_COUNT = 4           # breakpoints/watchpoints both Unicorn and QEMU's `max` CPU have
+
+
+def unsupported(reason: str) -> Insn:
+    return Insn(UNSUPPORTED, reason=reason)
+
+
+@lru_cache(maxsize=1 << 16)
+def decode(w: int) -> Insn:
+    if (w & 0x0A000000) == 0x08000000:
+        return _load_store(w)
+    if (w & 0xFF000000) == 0xD4000000:
+        return _exception(w)
+    if (w & 0xFFC00000) == 0xD5000000:
+        return _system(w)
+    if (w & 0xFE000000) == 0xD6000000:            # branch to register
+        if (w & 0xFF9FFC1F) == 0xD61F0000:        # BR, BLR, RET (no pointer authentication)
+            return _PLAIN
+        opc = (w >> 21) & 15
+        return unsupported({4: "eret", 5: "dret"}.get(opc, "authenticated or unallocated branch"))
+    return _PLAIN
+
+
+def _load_store(w: int) -> Insn:
+    v = (w >> 26) & 1
+    size = w >> 30
+    # Armv8.1+ forms (CAS, CASP, LSE atomics, LDRAA): Unicorn's Cortex-A72
+    # rejects them while QEMU's `max` CPU runs them, so they are not modelled.
+    if ((w & 0x3FA07C00) == 0x08A07C00 or (w & 0xBFA07C00) == 0x08207C00
+            or (w & 0x3B200C00) == 0x38200000 or (w & 0x3B200400) == 0x38200400):
+        return unsupported("Armv8.1+ atomic or pointer-authenticated load")
+    if (w & 0x3FC00000) == 0x08000000:            # STXR, STLXR, STXP, STLXP
+        return Insn(STORE_EXCLUSIVE, write=True, size=1 << size, rt=w & 31, rs=(w >> 16) & 31)
+    if (w & 0x3B000000) == 0x39000000 or (
+            (w & 0x3B200000) == 0x38000000 and ((w >> 10) & 3) in (0, 2)) or (
+            (w & 0x3B200C00) == 0x38200800):
+        # unsigned offset, unscaled, unprivileged or register offset: single
+        # register, no writeback -> valid syndrome for general registers
+        return _single(w, size, (w >> 22) & 3, not v)
+    if (w & 0x3B000000) == 0x18000000:            # load literal
+        opc = size
+        if opc == 3:
+            return _PLAIN                          # PRFM (literal): no access
+        return Insn(MEM, iss=not v, size=4 << (opc & 1) if opc < 2 else 4, rt=w & 31,
+                    signed=opc == 2, sf=opc != 0)
+    if (w & 0x3FA00000) == 0x08800000:            # load-acquire / store-release, single register
+        write = not (w >> 22) & 1
+        return Insn(MEM, iss=True, write=write, size=1 << size, rt=w & 31, sf=size == 3)
+    load_excl = (w & 0x3FC00000) == 0x08400000
+    write = False if load_excl else _guess_write(w)
+    return Insn(MEM, iss=False, write=write, size=1 << size, rt=w & 31, load_exclusive=load_excl)
+
+
+def _single(w: int, size: int, opc: int, gpr: bool) -> Insn:
+    nbytes = 1 << size
+    rt = w & 31
+    if opc == 0:
+        return Insn(MEM, iss=gpr, write=True, size=nbytes, rt=rt, sf=size == 3)
+    if opc == 1:
+        return Insn(MEM, iss=gpr, size=nbytes, rt=rt, sf=size == 3)
+    if not gpr:                                    # SIMD&FP 128-bit forms
+        return Insn(MEM, iss=False, write=opc == 2, size=16, rt=rt)
+    if opc == 2:
+        if size == 3:
+            return _PLAIN                          # PRFM / PRFUM: a hint, no access
+        return Insn(MEM, iss=True, size=nbytes, rt=rt, signed=True, sf=True)
+    if size >= 2:
+        return unsupported("unallocated load/store encoding")
+    return Insn(MEM, iss=True, size=nbytes, rt=rt, signed=True, sf=False)
+
+
+def _guess_write(w: int) -> bool:
+    # For forms without a syndrome only the direction is reported; bit 22 is
+    # L (load) in pairs, exclusives and the writeback forms of single registers.
+    if (w & 0x3A000000) == 0x28000000 or (w & 0x3F000000) == 0x08000000:
+        return not (w >> 22) & 1
+    return ((w >> 22) & 3) == 0
+
+
+def _exception(w: int) -> Insn:
+    opc, ll = (w >> 21) & 7, w & 3
+    if (opc, ll) == (0, 2):
+        return Insn(HVC, imm=(w >> 5) & 0xFFFF)
+    name = {(0, 1): "svc", (0, 3): "smc", (1, 0): "brk", (2, 0): "hlt"}.get((opc, ll), "dcps")
+    return unsupported(name)
+
+
+def _system(w: int) -> Insn:
+    read = bool((w >> 21) & 1)
+    op0, op1 = (w >> 19) & 3, (w >> 16) & 7
+    crn, crm, op2, rt = (w >> 12) & 15, (w >> 8) & 15, (w >> 5) & 7, w & 31
+    if op0 == 0:
+        if read:
+            return unsupported("unallocated system instruction")
+        if crn == 2:                               # hints
+            hint = (crm << 3) | op2
+            if hint in (0, 1, 4, 5):               # NOP, YIELD, SEV, SEVL
+                return _PLAIN
+            return unsupported({2: "wfe", 3: "wfi"}.get(hint, f"hint #{hint}"))
+        if crn == 3 and op2 in (2, 4, 5, 6):       # CLREX, DSB, DMB, ISB
+            return _PLAIN
+        if crn == 4 and (op1, op2) in ((0, 5), (3, 6), (3, 7)):   # SPSel, DAIFSet, DAIFClr
+            return _PLAIN
+        return unsupported("pstate or barrier instruction")
+    if op0 == 1:
+        return unsupported("cache or TLB maintenance")
+    if op0 == 2:
+        if op1 == 0 and crn == 0 and op2 in DEBUG_REG_KINDS and crm < DEBUG_REG_COUNT:
+            return Insn(DBGREG, write=not read, rt=rt, reg=f"{DEBUG_REG_KINDS[op2]}{crm}_el1")
+        if (op1, crn, crm, op2) == (0, 0, 2, 2):
+            return Insn(DBGREG, write=not read, rt=rt, reg="mdscr_el1")
+        return unsupported("debug system register")
+    native = NATIVE_SYSREGS.get((op1, crn, crm, op2))
+    if native and (read or native[1]):
+        return _PLAIN
+    return unsupported(f"system register s3_{op1}_c{crn}_c{crm}_{op2}")

@@ -1,0 +1,152 @@
+"""The vCPU as hardware runs it between a guest entry and the next exit to EL2.
+
+This is the Software Step state machine of the Arm ARM (D2.11) with the
+debug target at EL2 (MDCR_EL2.TDE, as KVM sets it while it debugs a guest)
+and MDSCR_EL1.SS = 1, so every entry runs at most one guest instruction:
+
+* PSTATE.SS = 0 on entry (active-pending): the step exception is taken before
+  any instruction, with ISV = 0.
+* PSTATE.SS = 1 (active-not-pending): the instruction at PC is attempted.  If
+  it traps to EL2 (stage-2 fault, MMIO, trapped register) it did not
+  complete and SPSR_EL2.SS is saved as 1.  HVC completes and is taken with
+  SS = 0.  Otherwise it completes, PSTATE.SS becomes 0 and the step exception
+  follows at once, unless a host interrupt wins the race (saved SS = 0).
+
+What each instruction does comes from the execution log of the guest CPU;
+if KVM's emulation takes the guest off that path (an instruction skipped
+without running), the log is re-executed along the new path.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..case import Case
+from ..guest import END, MAX_STEPS, ExecLog, Special, execute
+from ..isa import decode
+from ..trace import HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED
+from ..guest import Access
+
+SOFTSTEP, IRQ, STAGE2, DBGREG, MMIO, HVC, NO_SYNDROME, ENDING = (
+    "softstep", "irq", "stage2", "dbgreg", "mmio", "hvc", "no-syndrome", "ending")
+_NATIVE = Special()
+
+
+class HwExit(NamedTuple):
+    """An exception taken to EL2 (or the end of what the guest can do)."""
+    kind: str
+    index: int = -1               # the dynamic instruction that caused it (-1: none)
+    hsr: int = 0                  # SOFTSTEP: the syndrome
+    access: Access | None = None  # MMIO
+    detail: str = ""              # STAGE2: fetch/data; ENDING: the run ending
+
+
+class GuestHw:
+    def __init__(self, log: ExecLog):
+        self.log = log
+        self.case: Case = log.case
+        self.pc = log.case.base
+        self.idx = 0                  # dynamic index of the instruction at pc
+        self.attempts = 0             # attempts at it so far (stage-2 faults re-run it)
+        self.completed = False        # KVM emulated it; waiting for the PC skip
+        self.ss = False               # PSTATE.SS as saved in the vCPU's cpsr
+        self.retired = 0              # instructions completed, in total
+        self.irq_armed = False        # a host interrupt is pending
+        self.irq_before = {e.at - 1 for e in log.case.events if e.when == "before"}
+        self.irq_after = {e.at - 1 for e in log.case.events if e.when == "after"}
+        self.skipped: list[int] = []  # PCs skipped without running
+        self.entry_pc = self.pc
+        self.why: list[str] = []      # events seen since the last stop (for signatures)
+
+    # ------------------------------------------------------------ entry
+
+    def run(self) -> HwExit:
+        """ERET into the guest; return the next exception to EL2."""
+        self.entry_pc = self.pc
+        if self.irq_armed:
+            # A pending host interrupt is taken first (QEMU and real CPUs may
+            # order it against a pending step exception either way; the
+            # schedule says the interrupt wins).  SPSR.SS keeps PSTATE.SS.
+            self.irq_armed = False
+            return HwExit(IRQ)
+        if not self.ss:
+            return HwExit(SOFTSTEP, self.idx - 1, HSR_NOT_STEPPED)
+        idx = self.idx
+        if self.attempts == 0 and idx in self.irq_before:
+            self.irq_before.discard(idx)
+            self.why.append("irq-before")
+            return HwExit(IRQ)
+        special = self._special(idx)
+        attempt = self.attempts
+        self.attempts += 1
+        if attempt < len(special.faults):
+            return HwExit(STAGE2, idx, detail=special.faults[attempt])
+        kind = special.kind
+        if kind == "native":
+            self._retire()
+            self.ss = False
+            if self.irq_armed:
+                self.irq_armed = False
+                return HwExit(IRQ, idx)
+            hsr = HSR_STEPPED | (HSR_EX if self._is_load_exclusive(idx) else 0)
+            return HwExit(SOFTSTEP, idx, hsr)
+        if kind == "hvc":
+            self._retire()            # HVC's preferred return is the next instruction
+            self.ss = False           # and it completes the step
+            return HwExit(HVC, idx)
+        if kind == "dbgreg":
+            return HwExit(DBGREG, idx)
+        if kind == "mmio":
+            return HwExit(MMIO, idx, access=special.access)
+        if kind == NO_SYNDROME:
+            return HwExit(NO_SYNDROME, idx, detail=special.detail)
+        return HwExit(ENDING, idx, detail=kind)
+
+    def _special(self, idx: int) -> Special:
+        log = self.log
+        if idx < log.n:
+            return log.specials.get(idx, _NATIVE)
+        if idx == log.n and log.outcome == END:
+            return _NATIVE            # the `b .` after the code
+        if idx == log.n and log.outcome != MAX_STEPS:
+            return log.specials[idx]
+        return Special(kind=MAX_STEPS)
+
+    def _retire(self) -> None:
+        idx = self.idx
+        self.retired += 1
+        self.idx = idx + 1
+        self.pc = self.log.pcs[idx + 1] if idx < self.log.n else self.case.end
+        self.attempts = 0
+        if idx in self.irq_after:
+            self.irq_armed = True
+            self.why.append("irq-after")
+
+    def _is_load_exclusive(self, idx: int) -> bool:
+        pc, case = self.log.pcs[idx], self.case
+        return case.base <= pc < case.end and decode(case.words[(pc - case.base) >> 2]).load_exclusive
+
+    # ------------------------------------------------------------ KVM's side
+
+    def complete(self) -> None:
+        """KVM emulated the trapped instruction at PC (its effects are the log's)."""
+        self.retired += 1
+        self.completed = True
+        if self.idx in self.irq_after:
+            self.irq_armed = True
+            self.why.append("irq-after")
+
+    def skip(self) -> None:
+        """PC += 4, past an emulated instruction (or, wrongly, past one that never ran)."""
+        if self.completed:
+            self.completed = False
+            self.idx += 1
+            self.pc += 4
+            self.attempts = 0
+            if self.pc == self.log.pcs[self.idx]:
+                return
+        else:
+            self.skipped.append(self.pc)
+            self.pc += 4
+            self.attempts = 0
+        # Off the ideal path: the guest goes on from the new PC.
+        self.log = execute(self.case, self.log.redirects + ((self.idx, self.pc),))

@@ -1,0 +1,17 @@
+"""The reference: an ideal single-stepper, one stop after every completed instruction."""
+from __future__ import annotations
+
+from .guest import MAX_STEPS, ExecLog
+from .trace import RefTrace
+
+
+def reference(log: ExecLog) -> RefTrace:
+    """Stops of the ideal stepper for the execution in `log`.
+
+    Stop i is at the PC of instruction i+1; the run ends at the end of the
+    code, at a run ending both sides share, or after max_steps instructions.
+    """
+    limit = log.case.max_steps
+    if log.n > limit:
+        return RefTrace(log.pcs[1:limit + 1], MAX_STEPS)
+    return RefTrace(log.pcs[1:], log.outcome, log.detail)

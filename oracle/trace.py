@@ -1,0 +1,57 @@
+"""Traces: what a VMM sees when it single-steps a guest.
+
+A stop is one KVM_EXIT_DEBUG.  The reference stops after every completed
+instruction; a model (or a real kernel) stops wherever its mechanics say.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+# Syndromes KVM reports in kvm_run.debug.arch.hsr for a step
+EC_SOFTSTP_LOW = 0x32
+HSR_STEPPED = (EC_SOFTSTP_LOW << 26) | (1 << 25) | (1 << 24) | 0x22   # ISV=1: an instruction was stepped
+HSR_NOT_STEPPED = (EC_SOFTSTP_LOW << 26) | (1 << 25) | 0x22            # ISV=0: taken before any instruction
+HSR_EX = 1 << 6                                                         # the stepped instruction was a load-exclusive
+HSR_FAKED = EC_SOFTSTP_LOW << 26                                        # what 4.15-era KVM writes when it fakes a step
+
+
+class Exit(NamedTuple):
+    """A KVM_RUN return that is not a stop."""
+    kind: str                 # "mmio" | "eintr" | "error"
+    detail: str = ""
+
+
+class Stop(NamedTuple):
+    pc: int
+    steps: int                # instructions completed since the previous stop
+    hsr: int                  # the syndrome KVM reported
+    exits: tuple[Exit, ...] = ()   # non-stop KVM_RUN returns since the previous stop
+    why: tuple[str, ...] = ()      # what happened in between (traps, events), for signatures
+
+    @property
+    def isv(self) -> int:
+        return (self.hsr >> 24) & 1
+
+
+@dataclass
+class Trace:
+    """A model's (or a real kernel's) run of one case."""
+    stops: list[Stop]
+    outcome: str              # how the run ended (guest.END, guest.MAX_STEPS, ...)
+    detail: str = ""
+    tail: tuple[Exit, ...] = ()        # exits after the last stop
+    skipped: list[tuple[int, int]] = field(default_factory=list)   # (stop index, pc) never executed
+    final_regs: dict[str, int] | None = None
+
+
+@dataclass
+class RefTrace:
+    """The ideal trace: one stop after every completed instruction."""
+    pcs: list[int]            # stop i is at pcs[i], one step each
+    outcome: str
+    detail: str = ""
+
+    @property
+    def stops(self) -> list[Stop]:
+        return [Stop(pc, 1, HSR_STEPPED) for pc in self.pcs]
