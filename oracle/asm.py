@@ -37,20 +37,36 @@ def split_lines(text: str) -> list[str]:
     return out
 
 
+DIRECTIVE = re.compile(r"^\s*(\.[A-Za-z]+)\b")
+
+
 def assemble(text: str, base: int) -> list[int]:
-    """Assemble at `base`; raises AsmError naming the offending statement."""
+    """Assemble at `base`; raises AsmError naming the offending statement.
+
+    Every statement must give exactly one word: keystone silently drops what
+    it does not know (`.inst`, for one), so `.inst` becomes `.word` and other
+    directives are refused."""
     from keystone import KsError
-    lines = split_lines(text)
-    for line in lines:
+    lines = []
+    statements = 0
+    for line in split_lines(text):
         if NUMERIC_LABEL.search(line):
             raise AsmError(f"numeric labels are not supported, use named ones: {line!r}")
+        body = LABEL_DEF.sub("", line).strip()
+        m = DIRECTIVE.match(body)
+        if m:
+            if m.group(1) not in (".inst", ".word"):
+                raise AsmError(f"only .inst and .word directives are supported: {line!r}")
+            line = line.replace(".inst", ".word", 1)
+        statements += bool(body)
+        lines.append(line)
     try:
         encoding, _ = _ks().asm("\n".join(lines), base)
     except KsError as e:
         raise AsmError(_first_bad_statement(lines, base) or f"keystone: {e}") from None
     data = bytes(encoding or b"")
-    if not data or len(data) % 4:
-        raise AsmError("assembled to no instructions" if not data else "assembled to a partial instruction")
+    if len(data) != 4 * statements:
+        raise AsmError(f"{statements} statements assembled to {len(data)} bytes (keystone skipped something)")
     return [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 4)]
 
 
@@ -61,6 +77,7 @@ def _first_bad_statement(lines: list[str], base: int) -> str | None:
         body = LABEL_DEF.sub("", line).strip()
         if not body:
             continue
+        body = body.replace(".inst", ".word", 1)
         for name in labels:          # a label stands for some address when tried alone
             body = re.sub(rf"(?<![\w.$]){re.escape(name)}(?![\w.$])", hex(base), body)
         try:

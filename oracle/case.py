@@ -33,7 +33,11 @@ EVENT_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 TOP_FIELDS = ("stepfuzz", "name", "code", "regs", "memory", "mmio_read",
-              "events", "max_steps")
+              "events", "max_steps", "expect")
+# `expect` (optional): what a seed case is known to show, era -> "agree" or a
+# divergence kind; tests and `stepfuzz run` check it.
+EXPECT_VALUES = ("agree", "zero-step", "multi-step", "skipped-instruction", "pc-mismatch",
+                 "missing-stop", "extra-stop", "outcome-mismatch", "state-mismatch")
 
 
 class CaseError(ValueError):
@@ -80,6 +84,7 @@ class Case:
     max_steps: int = DEFAULT_MAX_STEPS
     name: str = ""
     asm: str | None = None            # the source text, when the case was written in assembly
+    expect: tuple[tuple[str, str], ...] = ()
     source: str = field(default="<case>", compare=False)
 
     @property
@@ -115,6 +120,8 @@ class Case:
             out["events"] = [e.to_json() for e in self.events]
         if self.max_steps != DEFAULT_MAX_STEPS:
             out["max_steps"] = self.max_steps
+        if self.expect:
+            out["expect"] = dict(self.expect)
         return out
 
     def dumps(self) -> str:
@@ -213,8 +220,19 @@ def parse_case(data: Any, source: str = "<case>") -> Case:
     max_steps = _num(top.get("max_steps", DEFAULT_MAX_STEPS), src, "max_steps")
     if not 1 <= max_steps <= MAX_STEPS_LIMIT:
         raise CaseError(src, "max_steps", f"{max_steps} is outside 1..{MAX_STEPS_LIMIT}")
+    expect = _parse_expect(top.get("expect", {}), src)
     return Case(base=base, words=words, regs=regs, memory=memory, mmio_read=mmio_read,
-                events=events, max_steps=max_steps, name=name, asm=asm_text, source=src)
+                events=events, max_steps=max_steps, name=name, asm=asm_text, expect=expect,
+                source=src)
+
+
+def _parse_expect(value: Any, src: str) -> tuple[tuple[str, str], ...]:
+    from .kvm.eras import ERA_IDS
+    table = _obj(value, src, "expect", ERA_IDS)
+    for era, what in table.items():
+        if what not in EXPECT_VALUES:
+            raise CaseError(src, f"expect.{era}", f"unknown expectation {what!r} (known: {', '.join(EXPECT_VALUES)})")
+    return tuple((era, table[era]) for era in ERA_IDS if era in table)
 
 
 def _parse_region(value: Any, src: str, i: int) -> Region:

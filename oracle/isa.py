@@ -60,6 +60,11 @@ def unsupported(reason: str) -> Insn:
     return Insn(UNSUPPORTED, reason=reason)
 
 
+# A fresh vCPU has CPACR_EL1.FPEN = 0, so FP/SIMD traps to the guest's own
+# EL1; Unicorn runs it regardless, so stepfuzz does not model it.
+FP_SIMD = unsupported("FP/SIMD instruction (traps to the guest while CPACR_EL1.FPEN = 0)")
+
+
 @lru_cache(maxsize=1 << 16)
 def decode(w: int) -> Insn:
     if (w & 0x0A000000) == 0x08000000:
@@ -68,6 +73,8 @@ def decode(w: int) -> Insn:
         return _exception(w)
     if (w & 0xFFC00000) == 0xD5000000:
         return _system(w)
+    if (w & 0x0E000000) == 0x0E000000:
+        return FP_SIMD
     if (w & 0xFE000000) == 0xD6000000:            # branch to register
         if (w & 0xFF9FFC1F) == 0xD61F0000:        # BR, BLR, RET (no pointer authentication)
             return _PLAIN
@@ -78,6 +85,8 @@ def decode(w: int) -> Insn:
 
 def _load_store(w: int) -> Insn:
     v = (w >> 26) & 1
+    if v:
+        return FP_SIMD
     size = w >> 30
     # Armv8.1+ forms (CAS, CASP, LSE atomics, LDRAA): Unicorn's Cortex-A72
     # rejects them while QEMU's `max` CPU runs them, so they are not modelled.

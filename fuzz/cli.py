@@ -1,0 +1,148 @@
+"""The `stepfuzz` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from oracle.case import Case, CaseError, load_case
+from oracle.kvm.eras import ERAS, UnknownEra, select
+
+EXIT_AGREE, EXIT_DIVERGED, EXIT_BAD = 0, 1, 2
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"stepfuzz: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD)
+
+
+def case_paths(args: list[str]) -> list[Path]:
+    """Files as given; directories expand to the *.json files below them."""
+    out: list[Path] = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*.json") if q.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def load_cases(args: list[str]) -> tuple[list[tuple[Path, Case]], int]:
+    """Load every case; report each bad one on one line.  Returns (cases, n_bad)."""
+    good, bad = [], 0
+    paths = case_paths(args)
+    if not paths:
+        fail(f"no case files in {' '.join(args)}")
+    for p in paths:
+        try:
+            good.append((p, load_case(p)))
+        except CaseError as e:
+            print(f"stepfuzz: {e}", file=sys.stderr)
+            bad += 1
+    return good, bad
+
+
+def eras_arg(spec: str):
+    try:
+        return select(spec)
+    except UnknownEra as e:
+        fail(str(e))
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from oracle.run import check
+    from .report import result_json, result_table
+    eras = eras_arg(args.era)
+    cases, bad = load_cases(args.cases)
+    diverged = unexpected = 0
+    for path, case in cases:
+        try:
+            results = check(case, eras)
+        except Exception as e:           # an oracle failure on this case, not a crash of the command
+            print(f"stepfuzz: {path}: cannot run: {type(e).__name__}: {e}", file=sys.stderr)
+            bad += 1
+            continue
+        expect = dict(case.expect)
+        for r in results:
+            if r.divergence:
+                diverged += 1
+            want = expect.get(r.era.id)
+            got = r.divergence.kind if r.divergence else "agree"
+            if want and want != got:
+                unexpected += 1
+            if args.json:
+                line = result_json(r, str(path))
+                if want:
+                    line["expected"] = want
+                print(json.dumps(line))
+            else:
+                print(result_table(r, str(path), args.all))
+                if want:
+                    print(f"  expected: {want} -> {'as expected' if want == got else 'UNEXPECTED'}")
+                print()
+    if not args.json:
+        n = len(cases) * len(eras)
+        print(f"{len(cases)} case(s) x {len(eras)} era(s): {n - diverged} agree, {diverged} diverge"
+              + (f", {unexpected} not as the case expects" if unexpected else "")
+              + (f", {bad} could not be run" if bad else ""))
+    if bad:
+        return EXIT_BAD
+    return EXIT_DIVERGED if diverged else EXIT_AGREE
+
+
+def cmd_case_check(args: argparse.Namespace) -> int:
+    cases, bad = load_cases(args.files)
+    for path, case in cases:
+        print(f"ok  {path}: {len(case.words)} instructions, {len(case.memory)} regions, {len(case.events)} events")
+    return EXIT_BAD if bad else EXIT_AGREE
+
+
+def cmd_eras(args: argparse.Namespace) -> int:
+    for e in ERAS.values():
+        print(f"{e.id:<9} {e.kernels}")
+        print(f"{'':<9} {e.summary}")
+        print(f"{'':<9} defined by: {e.commits}")
+    return EXIT_AGREE
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stepfuzz", description="Differential fuzzer for KVM/arm64 guest single-step.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run cases through the reference and era models")
+    r.add_argument("cases", nargs="+", metavar="CASE", help="case files or directories of them")
+    r.add_argument("--era", default="all", help="era id, comma-separated ids, or all (default)")
+    r.add_argument("--json", action="store_true", help="one JSON object per case and era")
+    r.add_argument("--all", action="store_true", help="show every stop of long traces")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("case", help="work with case files")
+    csub = c.add_subparsers(dest="case_command", required=True, metavar="ACTION")
+    cc = csub.add_parser("check", help="validate case files")
+    cc.add_argument("files", nargs="+", metavar="FILE")
+    cc.set_defaults(func=cmd_case_check)
+
+    e = sub.add_parser("eras", help="list the era models and the kernels they stand for")
+    e.set_defaults(func=cmd_eras)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_AGREE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

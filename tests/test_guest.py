@@ -1,0 +1,136 @@
+"""The guest CPU: what each instruction meets, and what emulation leaves behind."""
+import pytest
+
+from conftest import CODE, DATA, MMIO, make
+from oracle.case import parse_case
+from oracle.guest import (END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, NOT_SUPPORTED,
+                          UNSUPPORTED_INSN, execute, hvc_result)
+
+GICD = {"base": "0x8000000", "size": "0x10000", "kind": "mmio-kernel"}
+
+
+def run(asm, regs=None, memory=(CODE,), **extra):
+    return execute(parse_case(make(asm, regs, memory, **extra)))
+
+
+def test_plain_program_completes_every_instruction():
+    log = run("mov x0, #3\nloop:\nsub x0, x0, #1\ncbnz x0, loop\nnop")
+    assert log.outcome == END and log.n == 8
+    assert log.pcs[-1] == 0x10010 and not log.specials
+    assert log.final_regs()["x0"] == 0
+
+
+@pytest.mark.parametrize("insn, mmio_read, expected", [
+    ("ldr x1, [x2]", 0x8877665544332211, 0x8877665544332211),
+    ("ldr w1, [x2]", 0x8877665544332211, 0x44332211),
+    ("ldrb w1, [x2]", 0x81, 0x81),
+    ("ldrsb x1, [x2]", 0x81, 0xFFFFFFFFFFFFFF81),
+    ("ldrsb w1, [x2]", 0x81, 0xFFFFFF81),
+    ("ldrsh x1, [x2, #2]", 0x8001, 0xFFFFFFFFFFFF8001),
+    ("ldrsw x1, [x2]", 0x80000000, 0xFFFFFFFF80000000),
+    ("ldur x1, [x2, #-8]", 0x42, 0x42),
+    ("ldar x1, [x2]", 0x42, 0x42),
+    ("ldr x1, [x2, x3]", 0x7, 0x7),
+])
+def test_mmio_loads_complete_like_kvm(insn, mmio_read, expected):
+    log = run(f"{insn}\nnop", {"x2": "0x20000008", "x3": "0x10"}, (CODE, MMIO), mmio_read=hex(mmio_read))
+    s = log.specials[0]
+    assert s.kind == "mmio" and not s.access.kernel and not s.access.write
+    assert log.final_regs()["x1"] == expected
+
+
+def test_mmio_store_reports_the_value_and_xzr():
+    log = run("str x1, [x2]\nstrh w1, [x2, #2]\nstr xzr, [x2]", {"x1": "0x1122334455667788", "x2": "0x20000000"}, (CODE, MMIO))
+    values = [(log.specials[i].access.size, log.specials[i].access.value) for i in range(3)]
+    assert values == [(8, 0x1122334455667788), (2, 0x7788), (8, 0)]
+    assert all(log.specials[i].access.write for i in range(3))
+
+
+def test_addresses_outside_every_region_are_userspace_mmio():
+    log = run("ldr x1, [x2]", {"x2": "0x300000"})
+    assert log.specials[0].kind == "mmio" and log.specials[0].access.addr == 0x300000
+
+
+def test_in_kernel_device_reads_as_zero():
+    log = run("ldr w1, [x2]\nstr w1, [x2]", {"x1": "5", "x2": "0x800c000"}, (CODE, GICD), mmio_read="0x99")
+    assert [log.specials[i].access.kernel for i in (0, 1)] == [True, True]
+    assert log.final_regs()["x1"] == 0
+
+
+def test_stage2_faults_once_per_page_both_sides():
+    log = run("ldr x1, [x9]\nstr x1, [x9, #8]\nldr x1, [x9, #0x1000]\nnop", {"x9": "0x40000"}, (CODE, DATA))
+    assert log.specials[0].faults == ("data",)
+    assert 1 not in log.specials            # same page
+    assert log.specials[2].faults == ("data",)
+    code = {"base": "0x10000", "size": "0x10000", "kind": "ram"}
+    data = make("nop\nnop", memory=[code])
+    data["code"]["base"] = "0x10ffc"
+    log = execute(parse_case(data))
+    assert log.specials[0].faults == ("fetch",) and log.specials[1].faults == ("fetch",)
+
+
+def test_debug_registers_are_a_shadow():
+    log = run("mrs x1, dbgbvr0_el1\nmsr dbgbvr0_el1, x5\nmrs x2, dbgbvr0_el1\nmrs x3, dbgbvr1_el1\nmsr mdscr_el1, x5\nmrs x4, mdscr_el1",
+              {"x1": "9", "x5": "0xabcd"})
+    regs = log.final_regs()
+    assert (regs["x1"], regs["x2"], regs["x3"], regs["x4"]) == (0, 0xABCD, 0, 0xABCD)
+    assert all(log.specials[i].kind == "dbgreg" for i in range(6))
+
+
+def test_psci_and_smccc_results_zero_x1_to_x3():
+    log = run("movz x0, #0x8400, lsl #16\nhvc #0\nmov x9, x0\nmovz x0, #0x8200, lsl #16\nhvc #0",
+              {"x1": "1", "x2": "2", "x3": "3"})
+    regs = log.final_regs()
+    assert regs["x9"] == 0x10000 and regs["x0"] == NOT_SUPPORTED
+    assert (regs["x1"], regs["x2"], regs["x3"]) == (0, 0, 0)
+    assert hvc_result(0x80000000) == 0x10001
+    assert hvc_result(0x84000008) is None      # SYSTEM_OFF: implemented by KVM, not modelled
+
+
+def test_store_exclusive_always_fails_under_single_step():
+    log = run("ldxr x1, [x9]\nstxr w2, x1, [x9]", {"x9": "0x40000"}, (CODE, {**DATA, "prefault": True}))
+    assert log.outcome == END and log.final_regs()["x2"] == 1
+
+
+@pytest.mark.parametrize("asm, regs, memory, outcome", [
+    ("nop\nldp x1, x3, [x2]", {"x2": "0x20000000"}, (CODE, MMIO), NO_SYNDROME),
+    ("nop\nldr x1, [x2], #8", {"x2": "0x20000000"}, (CODE, MMIO), NO_SYNDROME),
+    ("nop\nwfi", None, (CODE,), UNSUPPORTED_INSN),
+    ("nop\nsvc #0", None, (CODE,), UNSUPPORTED_INSN),
+    ("nop\nmrs x0, cntvct_el0", None, (CODE,), UNSUPPORTED_INSN),
+    ("nop\nmovz x0, #0x8400, lsl #16\nmovk x0, #8\nhvc #0", None, (CODE,), UNSUPPORTED_INSN),
+    ("nop\nhvc #1", None, (CODE,), UNSUPPORTED_INSN),
+    ("nop\n.inst 0x00000000", None, (CODE,), GUEST_EXCEPTION),
+    ("nop\nfmov d0, #1.0", None, (CODE,), UNSUPPORTED_INSN),
+    ("nop\nbr x5", {"x5": "0x40000"}, (CODE, DATA), LEFT_CODE),
+    ("nop\nbr x5", {"x5": "0x10100"}, (CODE,), LEFT_CODE),
+    ("nop\nstr x1, [x5]", {"x5": "0x10004"}, (CODE,), UNSUPPORTED_INSN),
+])
+def test_run_endings_stop_at_the_instruction(asm, regs, memory, outcome):
+    log = run(asm, regs, memory)
+    assert log.outcome == outcome, log.detail
+    assert log.n == len(asm.split("\n")) - 1 or outcome == LEFT_CODE
+    assert log.specials[log.n].kind == outcome and log.detail
+
+
+def test_max_steps_bounds_a_guest_that_never_ends():
+    log = run("self:\nb self", max_steps=25)
+    assert log.outcome == MAX_STEPS and log.n >= 25
+
+
+def test_same_case_same_log_whatever_ran_before():
+    case = parse_case(make("ldr x1, [x9]\nldr x3, [x2]\nmrs x4, dbgbvr0_el1\nadd x0, x0, #1",
+                           {"x9": "0x40000", "x2": "0x20000000"}, (CODE, DATA, MMIO)))
+    first = execute(case)
+    run("str x5, [x9]\nmsr dbgbvr0_el1, x5", {"x9": "0x40000", "x5": "77"}, (CODE, DATA))   # leave state behind
+    again = execute(case)
+    assert (again.pcs, again.specials) == (first.pcs, first.specials)
+    assert again.final_regs() == first.final_regs()
+    assert again.final_regs()["x1"] == 0 and again.final_regs()["x4"] == 0
+
+
+def test_redirect_continues_on_another_path():
+    case = parse_case(make("ldr x1, [x2]\nadd x0, x0, #1\nadd x4, x4, #1\nnop", {"x2": "0x20000000"}, (CODE, MMIO)))
+    log = execute(case, ((1, 0x10008),))
+    assert log.pcs == [0x10000, 0x10008, 0x1000c, 0x10010]
+    assert log.final_regs()["x0"] == 0 and log.final_regs()["x4"] == 1

@@ -1,0 +1,112 @@
+"""The reference against QEMU's own software step, and the era models against the corpus."""
+import json
+import random
+
+import pytest
+
+from conftest import CODE, CORPUS, make
+from oracle.archstep import arch_step_pcs
+from oracle.case import load_case, parse_case
+from oracle.guest import execute
+from oracle.kvm.eras import ERAS, select
+from oracle.reference import reference
+from oracle.run import check
+
+CORPUS_FILES = sorted(CORPUS.rglob("*.json"))
+DATA_PF = {"base": "0x40000", "size": "0x4000", "kind": "ram", "prefault": True}
+
+
+def exit_free_program(rnd: random.Random) -> dict:
+    """Random straight-line code, forward branches and bounded loops over RAM."""
+    lines, n = [], rnd.randint(4, 40)
+    for i in range(n):
+        lines.append(f"l{i}:")
+        r = rnd.random()
+        a, b, c = (rnd.randrange(8) for _ in range(3))
+        if r < 0.35:
+            op = rnd.choice(["add", "sub", "eor", "orr", "and"])
+            lines.append(f"{op} x{a}, x{b}, x{c}")
+        elif r < 0.5:
+            lines.append(f"movz x{a}, #{rnd.randrange(1 << 16)}, lsl #{rnd.choice([0, 16, 32, 48])}")
+        elif r < 0.65:
+            off = rnd.randrange(0, 0x3ff8, 8)
+            lines.append(f"{rnd.choice(['ldr', 'str'])} x{a}, [x9, #{off}]")
+        elif r < 0.8 and i + 2 < n:
+            target = rnd.randrange(i + 1, n)
+            lines.append(rnd.choice([f"b l{target}", f"cbz x{a}, l{target}", f"cbnz x{a}, l{target}", f"tbz x{a}, #{rnd.randrange(64)}, l{target}"]))
+        elif r < 0.9 and i > 0:
+            # a loop back to an earlier label, bounded by a counter in x10
+            lines.append(f"sub x10, x10, #1\ncbnz x10, l{rnd.randrange(i)}")
+        else:
+            lines.append(rnd.choice(["nop", "ror x3, x4, #7", "madd x5, x6, x7, x1", "csel x1, x2, x3, ne", "adds x4, x4, #1"]))
+    return make("\n".join(lines), {"x9": "0x40000", "x10": str(rnd.randint(1, 6))}, (CODE, DATA_PF),
+                max_steps=300)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_reference_matches_qemu_architectural_step(seed):
+    case = parse_case(exit_free_program(random.Random(seed)))
+    assert reference(execute(case)).pcs == arch_step_pcs(case)
+
+
+@pytest.mark.parametrize("path", [p for p in CORPUS_FILES if "programs" in p.parts], ids=lambda p: p.stem)
+def test_reference_matches_qemu_on_corpus_programs(path):
+    case = load_case(path)
+    assert reference(execute(case)).pcs == arch_step_pcs(case)
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: str(p.relative_to(CORPUS)))
+def test_corpus_case_behaves_as_expected_in_every_era(path):
+    case = load_case(path)
+    expect = dict(case.expect)
+    assert set(expect) == set(ERAS), "every seed case states what each era shows"
+    got = {r.era.id: (r.divergence.kind if r.divergence else "agree") for r in check(case, select("all"))}
+    assert got == expect
+
+
+def test_arch_never_disagrees_with_the_reference_on_the_corpus():
+    for path in CORPUS_FILES:
+        (r,) = check(load_case(path), select("arch"))
+        assert r.divergence is None, path
+
+
+def test_each_known_divergence_reproduces_and_is_fixed_later():
+    known = {p.stem: dict(load_case(p).expect) for p in (CORPUS / "known").glob("*.json")}
+    # kvm-single-step.md section 3: the divergence each known case stands for
+    assert known["4.15-stage2-fault-zero-step"]["4.15"] == "zero-step"
+    assert known["4.14-emulated-sysreg-multi-step"]["4.14"] == "multi-step"
+    assert known["4.14-userspace-mmio-multi-step"]["4.14"] == "multi-step"
+    assert known["5.0-immediate-exit-skips-insn"]["5.0"] == "skipped-instruction"
+    assert known["5.11-irq-after-retire-multi-step"]["5.11"] == "multi-step"
+    assert known["6.1-immediate-exit-after-mmio"]["6.1"] == "multi-step"
+    for name, expect in known.items():
+        assert expect["6.14"] == expect["arch"] == "agree", name
+
+
+def test_model_agrees_with_real_kernel_measurements():
+    """kvm-single-step.md section 4: steps per stop measured on Debian kernels."""
+    def steps_at(case_file, era, index):
+        (r,) = check(load_case(CORPUS / "real-kernel" / case_file), select(era))
+        return r.model.stops[index].steps
+    # stop indices: 2 = after the MMIO load, then sysreg and hvc windows
+    for era, mmio, ie in (("5.10", 2, 2), ("6.1", 1, 2), ("6.14", 1, 1)):
+        assert steps_at("probe.json", era, 2) == mmio
+        assert steps_at("probe-immediate-exit.json", era, 2) == ie
+
+
+def test_divergence_signature_is_stable_and_free_of_addresses():
+    case = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
+    sigs = {check(case, select("6.1"))[0].divergence.signature for _ in range(3)}
+    assert sigs == {"6.1/multi-step/immediate-exit+mmio"}
+    moved = json.loads((CORPUS / "known" / "6.1-immediate-exit-after-mmio.json").read_text())
+    moved["code"]["base"] = "0x10800"
+    moved["regs"]["x2"] = "0x20000100"
+    moved["code"]["asm"] = "add x5, x5, #1\n" + moved["code"]["asm"]
+    (r,) = check(parse_case(moved), select("6.1"))
+    assert r.divergence.signature == "6.1/multi-step/immediate-exit+mmio"
+
+
+def test_same_case_gives_the_same_trace_every_time():
+    case = load_case(CORPUS / "real-kernel" / "probe-immediate-exit.json")
+    runs = [[(r.model.stops, r.model.outcome) for r in check(case, select("all"))] for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
