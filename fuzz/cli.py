@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eras", help="list the era models and the kernels they stand for")
     e.set_defaults(func=cmd_eras)
+
+    from . import kvmcmd
+    kvmcmd.register(sub)
     return p
 
 
