@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from .guest import ExecLog
 from .trace import RefTrace, Stop, Trace
+TRAPS = ("mmio", "mmio-kernel", "dbgreg", "hvc", "stage2-fetch", "stage2-data")
+HARMLESS = ("irq",)      # an interrupt taken while the step is active-not-pending
 
 ZERO_STEP, MULTI_STEP, SKIPPED, PC_MISMATCH = "zero-step", "multi-step", "skipped-instruction", "pc-mismatch"
 MISSING_STOP, EXTRA_STOP, OUTCOME, STATE = "missing-stop", "extra-stop", "outcome-mismatch", "state-mismatch"
@@ -52,7 +54,29 @@ def _stop_json(s: Stop | None) -> dict | None:
 
 
 def _cause(why: tuple[str, ...]) -> str:
-    return "+".join(sorted(set(why))) or "plain"
+    """What made a window go wrong, from its record of traps, events and completions.
+
+    A window should complete one instruction.  If it completed none (a faked
+    step), the exit that ended it is the cause.  Otherwise the cause is what
+    happened from the trap that completed the first instruction (if KVM
+    completed it) up to the next completion (or the run's end), leaving out
+    the next instruction's own traps: what came before, such as the stage-2
+    fault that fetched the first instruction, played no part."""
+    why = tuple(w for w in why if w not in HARMLESS)
+    marks = [i for i, w in enumerate(why) if w.startswith("|")]
+    if not marks:
+        tokens = [w for w in why if w in TRAPS][-1:] or list(why[-1:])
+    else:
+        first = start = marks[0]
+        tokens = []
+        if why[first] != "|native":
+            traps = [i for i in range(first) if why[i] in TRAPS]
+            if traps:
+                start = traps[-1]
+                tokens = [why[start]]
+        end = marks[1] if len(marks) > 1 else len(why)
+        tokens += [w for w in why[start + 1:end] if w not in TRAPS and not w.startswith("|")]
+    return "+".join(sorted(set(tokens))) or "plain"
 
 
 def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
@@ -73,9 +97,12 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
     n = min(len(ref.pcs), len(stops))
     if len(stops) != len(ref.pcs):
         if len(stops) > n:
-            return Divergence(era, EXTRA_STOP, n, _cause(stops[n].why), None, stops[n])
-        return Divergence(era, MISSING_STOP, n, model.outcome, Stop(ref.pcs[n], 1, 0), None,
-                          detail=model.detail)
+            got = stops[n]
+            # a surplus stop that stepped nothing (or several) is that bug, at the end of the run
+            kind = ZERO_STEP if got.steps == 0 else MULTI_STEP if got.steps > 1 else EXTRA_STOP
+            return Divergence(era, kind, n, _cause(got.why), None, got)
+        return Divergence(era, MISSING_STOP, n, _cause(model.tail_why + (model.outcome,)),
+                          Stop(ref.pcs[n], 1, 0), None, detail=model.detail)
     if model.outcome != ref.outcome:
         return Divergence(era, OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
                           detail=model.detail)

@@ -1,7 +1,7 @@
 """The reference: an ideal single-stepper, one stop after every completed instruction."""
 from __future__ import annotations
 
-from .guest import MAX_STEPS, ExecLog
+from .guest import END, MAX_STEPS, ExecLog
 from .trace import RefTrace
 
 
@@ -12,6 +12,7 @@ def reference(log: ExecLog) -> RefTrace:
     code, at a run ending both sides share, or after max_steps instructions.
     """
     limit = log.case.max_steps
-    if log.n > limit:
+    # the bound wins over whatever comes after it, as in the models
+    if log.n > limit or (log.n == limit and log.outcome != END):
         return RefTrace(log.pcs[1:limit + 1], MAX_STEPS)
     return RefTrace(log.pcs[1:], log.outcome, log.detail)

@@ -22,12 +22,21 @@ class Exit(NamedTuple):
     detail: str = ""
 
 
+# Markers in Stop.why: where an instruction completed, and how
+DONE_NATIVE, DONE_EMULATED, DONE_HVC = "|native", "|emulated", "|hvc"
+
+
+def events_only(why: tuple[str, ...]) -> tuple[str, ...]:
+    """`why` without completion markers, for people."""
+    return tuple(w for w in why if not w.startswith("|"))
+
+
 class Stop(NamedTuple):
     pc: int
     steps: int                # instructions completed since the previous stop
     hsr: int                  # the syndrome KVM reported
     exits: tuple[Exit, ...] = ()   # non-stop KVM_RUN returns since the previous stop
-    why: tuple[str, ...] = ()      # what happened in between (traps, events), for signatures
+    why: tuple[str, ...] = ()      # traps, events and completions in between, in order
 
     @property
     def isv(self) -> int:
@@ -41,6 +50,7 @@ class Trace:
     outcome: str              # how the run ended (guest.END, guest.MAX_STEPS, ...)
     detail: str = ""
     tail: tuple[Exit, ...] = ()        # exits after the last stop
+    tail_why: tuple[str, ...] = ()     # what happened after the last stop
     skipped: list[tuple[int, int]] = field(default_factory=list)   # (stop index, pc) never executed
     final_regs: dict[str, int] | None = None
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 from ..case import Case
 from ..guest import END, MAX_STEPS, ExecLog, Special, execute
 from ..isa import decode
-from ..trace import HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED
+from ..trace import DONE_EMULATED, DONE_HVC, DONE_NATIVE, HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED
 from ..guest import Access
 
 SOFTSTEP, IRQ, STAGE2, DBGREG, MMIO, HVC, NO_SYNDROME, ENDING = (
@@ -66,15 +66,14 @@ class GuestHw:
             # A pending host interrupt is taken first (QEMU and real CPUs may
             # order it against a pending step exception either way; the
             # schedule says the interrupt wins).  SPSR.SS keeps PSTATE.SS.
-            self.irq_armed = False
-            return HwExit(IRQ)
+            return self._irq()
         if not self.ss:
             return HwExit(SOFTSTEP, self.idx - 1, HSR_NOT_STEPPED)
         idx = self.idx
         if self.attempts == 0 and idx in self.irq_before:
             self.irq_before.discard(idx)
-            self.why.append("irq-before")
-            return HwExit(IRQ)
+            self.irq_armed = True
+            return self._irq()
         special = self._special(idx)
         attempt = self.attempts
         self.attempts += 1
@@ -82,15 +81,15 @@ class GuestHw:
             return HwExit(STAGE2, idx, detail=special.faults[attempt])
         kind = special.kind
         if kind == "native":
-            self._retire()
+            self._retire(DONE_NATIVE)
             self.ss = False
             if self.irq_armed:
-                self.irq_armed = False
-                return HwExit(IRQ, idx)
+                return self._irq(idx)
             hsr = HSR_STEPPED | (HSR_EX if self._is_load_exclusive(idx) else 0)
             return HwExit(SOFTSTEP, idx, hsr)
         if kind == "hvc":
-            self._retire()            # HVC's preferred return is the next instruction
+            self.why.append("hvc")
+            self._retire(DONE_HVC)    # HVC's preferred return is the next instruction
             self.ss = False           # and it completes the step
             return HwExit(HVC, idx)
         if kind == "dbgreg":
@@ -100,6 +99,14 @@ class GuestHw:
         if kind == NO_SYNDROME:
             return HwExit(NO_SYNDROME, idx, detail=special.detail)
         return HwExit(ENDING, idx, detail=kind)
+
+    def _irq(self, idx: int = -1) -> HwExit:
+        # Named by the state it interrupts: taken while the step is still
+        # active-not-pending (SS = 1) it changes nothing; taken in
+        # active-pending (SS = 0) the kernel must not lose that state.
+        self.irq_armed = False
+        self.why.append("irq-pending" if not self.ss else "irq")
+        return HwExit(IRQ, idx)
 
     def _special(self, idx: int) -> Special:
         log = self.log
@@ -111,15 +118,15 @@ class GuestHw:
             return log.specials[idx]
         return Special(kind=MAX_STEPS)
 
-    def _retire(self) -> None:
+    def _retire(self, how: str) -> None:
         idx = self.idx
         self.retired += 1
+        self.why.append(how)
         self.idx = idx + 1
         self.pc = self.log.pcs[idx + 1] if idx < self.log.n else self.case.end
         self.attempts = 0
         if idx in self.irq_after:
             self.irq_armed = True
-            self.why.append("irq-after")
 
     def _is_load_exclusive(self, idx: int) -> bool:
         pc, case = self.log.pcs[idx], self.case
@@ -130,10 +137,10 @@ class GuestHw:
     def complete(self) -> None:
         """KVM emulated the trapped instruction at PC (its effects are the log's)."""
         self.retired += 1
+        self.why.append(DONE_EMULATED)
         self.completed = True
         if self.idx in self.irq_after:
             self.irq_armed = True
-            self.why.append("irq-after")
 
     def skip(self) -> None:
         """PC += 4, past an emulated instruction (or, wrongly, past one that never ran)."""

@@ -167,7 +167,6 @@ class Kvm:
             self.skip_instr()
             return 1
         if kind == HVC:
-            hw.why.append("hvc")
             return 1                      # PSCI result in x0..x3; no skip
         if kind == NO_SYNDROME:
             self.ending = exit.detail

@@ -70,7 +70,7 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
             assert ret == GUEST_ENDED, ret
             outcome, detail = kvm.ending, hw.log.detail
             break
-    trace = Trace(stops, outcome, detail, tuple(exits), skipped)
+    trace = Trace(stops, outcome, detail, tuple(exits), tuple(hw.why), skipped)
     if hw.log is not log:
         trace.final_regs = hw.log.final_regs()
     return trace

@@ -1,0 +1,143 @@
+"""The crash store: one directory per unique divergence signature.
+
+    crashes/<id>/case.json        the smallest case seen with this signature (replayable)
+    crashes/<id>/divergence.json  era, kind, signature, first/last seen, count, the stop
+    crashes/<id>/report.txt       side-by-side stops with disassembly
+
+Workers of one campaign and campaigns on the same directory share it: the
+first to create a signature's directory writes it, later hits only add to
+its count (batched, under a lock).  Every file is written to a temporary
+name and renamed, so a kill never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from oracle.case import Case
+from oracle.run import Result
+
+from .report import result_table
+
+FLUSH_EVERY_S = 5.0
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class _Pending:
+    count: int = 0
+    last_seen: str = ""
+    best: Result | None = None
+
+
+class CrashStore:
+    def __init__(self, root: Path, worker: str = "", started: float | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.worker = worker or f"pid{os.getpid()}"
+        self.started = started if started is not None else time.time()
+        self.seen: set[str] = set()
+        self.pending: dict[str, _Pending] = {}
+        self.last_flush = time.monotonic()
+
+    def known(self) -> list[dict[str, Any]]:
+        out = []
+        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
+            info = read_json(d / "divergence.json") if d.is_dir() else None
+            if info:
+                out.append(info)
+        return out
+
+    def record(self, r: Result, execs: int = 0) -> bool:
+        """Keep a divergent result; True if its signature is new to the store."""
+        d = r.divergence
+        assert d is not None
+        sid = d.sig_id
+        new = False
+        if sid not in self.seen:
+            self.seen.add(sid)
+            new = self._create(r, execs)
+        p = self.pending.setdefault(sid, _Pending())
+        p.count += 1
+        p.last_seen = now_iso()
+        if not new and (p.best is None or len(r.case.words) < len(p.best.case.words)):
+            p.best = r
+        if time.monotonic() - self.last_flush > FLUSH_EVERY_S:
+            self.flush()
+        return new
+
+    def _create(self, r: Result, execs: int) -> bool:
+        d = r.divergence
+        path = self.root / d.sig_id
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if (path / "divergence.json").exists():
+                return False           # another worker or an earlier campaign has it
+        self._write_case(path, r)
+        info = {**d.to_json(), "era": r.era.id, "kernels": r.era.kernels,
+                "first_seen": now_iso(), "last_seen": now_iso(), "count": 0,
+                "case_insns": len(r.case.words),
+                "first_found": {"worker": self.worker, "elapsed_s": round(time.time() - self.started, 3),
+                                "execs": execs}}
+        write_atomic(path / "divergence.json", json.dumps(info, indent=2) + "\n")
+        return True
+
+    def _write_case(self, path: Path, r: Result) -> None:
+        d = r.divergence
+        case = r.case.to_json() if r.case.asm is None else r.case.with_words().to_json()
+        case["name"] = d.title
+        write_atomic(path / "case.json", json.dumps(case, indent=2) + "\n")
+        replay = f"stepfuzz run {path / 'case.json'} --era {r.era.id}"
+        write_atomic(path / "report.txt", f"{d.title}\nsignature: {d.signature}\nreplay: {replay}\n\n"
+                     + result_table(r, "case.json") + "\n")
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        for sid, p in list(self.pending.items()):
+            path = self.root / sid
+            if not path.is_dir():
+                continue
+            with open(path / ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                info = read_json(path / "divergence.json")
+                if info is None:
+                    continue
+                info["count"] = info.get("count", 0) + p.count
+                info["last_seen"] = max(info.get("last_seen", ""), p.last_seen)
+                if p.best is not None and len(p.best.case.words) < info.get("case_insns", 1 << 30):
+                    self._write_case(path, p.best)
+                    info["case_insns"] = len(p.best.case.words)
+                    info["stop"] = p.best.divergence.stop
+                write_atomic(path / "divergence.json", json.dumps(info, indent=2) + "\n")
+        self.pending.clear()
+
+
+def case_of(path: Path) -> Case:
+    from oracle.case import load_case
+    return load_case(path / "case.json" if path.is_dir() else path)

@@ -1,0 +1,46 @@
+"""Behaviour features for libFuzzer: new stop behaviours look like new coverage.
+
+atheris only sees Python coverage.  `observe()` hashes what a stop looked
+like (era, the traps and events behind it, steps, ISV) into one of 1024
+buckets and walks a decision tree of 1024 distinct leaves to it, so a
+behaviour never seen before is a branch never taken before: libFuzzer keeps
+the input.  The tree is generated at import; the harness instruments it.
+"""
+from __future__ import annotations
+
+import zlib
+
+from oracle.run import Result
+
+DEPTH = 10
+
+
+def _tree_source(depth: int) -> str:
+    lines = ["def bucket(h):"]
+
+    def node(bit: int, indent: int, value: int) -> None:
+        pad = "    " * indent
+        if bit == depth:
+            lines.append(f"{pad}return {value}")
+            return
+        lines.append(f"{pad}if h & {1 << bit}:")
+        node(bit + 1, indent + 1, value | (1 << bit))
+        lines.append(f"{pad}else:")
+        node(bit + 1, indent + 1, value)
+
+    node(0, 1, 0)
+    return "\n".join(lines) + "\n"
+
+
+_namespace: dict = {}
+exec(compile(_tree_source(DEPTH), "<stepfuzz-features>", "exec"), _namespace)
+bucket = _namespace["bucket"]
+
+
+def observe(r: Result) -> None:
+    era = r.era.id
+    for s in r.model.stops:
+        if s.why or s.steps != 1:
+            bucket(zlib.crc32(f"{era}|{'+'.join(sorted(set(s.why)))}|{min(s.steps, 3)}|{s.isv}".encode()))
+    if r.divergence is not None:
+        bucket(zlib.crc32(r.divergence.signature.encode()))

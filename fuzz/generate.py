@@ -1,0 +1,155 @@
+"""The case generator: programs and exit schedules biased toward what matters.
+
+A generated guest has a fixed, readable memory map and base registers that
+point into each kind of memory, so a random load or store lands on RAM that
+is or is not mapped at stage 2, userspace MMIO or the in-kernel device.
+About a third of the instructions meet the hypervisor; the rest are ALU
+work, branches, loops and exclusives.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from oracle.case import Case, Event, Region
+
+from . import insns as I
+from .encoding import EVENT_KINDS
+
+CODE_BASE = 0x10000
+DATA, DATA2, MMIO, GICD_RAZ = 0x40000, 0x42000, 0x20000000, 0x800C000
+# role registers: the base each kind of access goes through
+R_DATA, R_MMIO, R_GICD, R_DATA2, R_CODE, R_LOOP = 20, 21, 22, 23, 24, 10
+HVC_FUNCS = (0x84000000, 0x84000006, 0x80000000)     # PSCI_VERSION, MIGRATE_INFO_TYPE, SMCCC_VERSION
+UNKNOWN_FUNC_BASES = (0x82000000, 0x83000000, 0xC2000000, 0xC3000000)   # SiP/OEM: no kernel implements them
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    min_insns: int = 6
+    max_insns: int = 40
+    max_steps: int = 200
+    p_exit: float = 0.35          # share of snippets that meet the hypervisor
+    max_events: int = 3
+
+
+DEFAULT = GenConfig()
+
+
+def memory(rnd: random.Random) -> tuple[Region, ...]:
+    return (Region(CODE_BASE, 0x10000, "ram", rnd.random() < 0.8),
+            Region(DATA, 0x4000, "ram", rnd.random() < 0.5),
+            Region(MMIO, 0x1000, "mmio"),
+            Region(0x8000000, 0x10000, "mmio-kernel"))
+
+
+def registers(rnd: random.Random) -> tuple[tuple[str, int], ...]:
+    regs = {f"x{R_DATA}": DATA, f"x{R_MMIO}": MMIO, f"x{R_GICD}": GICD_RAZ, f"x{R_DATA2}": DATA2,
+            f"x{R_CODE}": CODE_BASE, f"x{R_LOOP}": rnd.randint(1, 4), "sp": DATA + 0x3000}
+    for r in rnd.sample(range(10), rnd.randint(0, 4)):
+        regs[f"x{r}"] = rnd.choice([0, 1, rnd.getrandbits(16), rnd.getrandbits(64)])
+    return tuple(sorted(regs.items(), key=lambda kv: (kv[0] != "sp", int(kv[0][1:]) if kv[0] != "sp" else 0)))
+
+
+def _gpr(rnd: random.Random) -> int:
+    return rnd.randrange(16)
+
+
+def alu(rnd: random.Random) -> list[int]:
+    d, n, m = _gpr(rnd), _gpr(rnd), _gpr(rnd)
+    return [rnd.choice((
+        lambda: I.add_imm(d, n, rnd.randrange(4096), sub=rnd.random() < 0.3, flags=rnd.random() < 0.2),
+        lambda: I.alu_reg(rnd.randrange(8), d, n, m),
+        lambda: I.movz(d, rnd.getrandbits(16), rnd.randrange(4), keep=rnd.random() < 0.3),
+        lambda: I.madd(d, n, m, _gpr(rnd)),
+        lambda: I.csel(d, n, m, rnd.randrange(16)),
+        lambda: I.ror_imm(d, n, rnd.randrange(64)),
+        lambda: I.NOP,
+    ))()]
+
+
+def memory_access(rnd: random.Random, base_reg: int, span: int) -> list[int]:
+    """One load or store through `base_reg`, mostly with a valid syndrome."""
+    rt, size = _gpr(rnd), rnd.choice((0, 1, 2, 3, 3, 3))
+    off = rnd.randrange(0, span, 1 << size)
+    r = rnd.random()
+    if r < 0.55:
+        opc = rnd.choice((0, 1, 1, 2, 3)) if size < 2 else rnd.choice((0, 1, 1, 2)) if size == 2 else rnd.choice((0, 1))
+        return [I.ldst_uimm(size, opc, rt, base_reg, off)]
+    if r < 0.7:
+        return [I.ldst_unscaled(size, rnd.choice((0, 1)), rt, base_reg, rnd.randrange(0, 256, 1 << size))]
+    if r < 0.8:
+        return [I.movz(11, off), I.ldst_reg(size, rnd.choice((0, 1)), rt, base_reg, 11)]
+    if r < 0.88:
+        return [I.ldar(size, rt, base_reg, load=rnd.random() < 0.6)]
+    if r < 0.94:      # writeback: no valid syndrome for MMIO
+        return [I.ldst_unscaled(3, 1, rt, base_reg, 8, mode=rnd.choice((1, 3)))]
+    return [I.ldst_pair(rnd.random() < 0.6, rt, _gpr(rnd), base_reg, rnd.randrange(0, 64, 16))]
+
+
+def exit_snippet(rnd: random.Random) -> list[int]:
+    """Instructions that meet the hypervisor."""
+    r = rnd.random()
+    if r < 0.2:
+        return memory_access(rnd, R_MMIO, 0x100)
+    if r < 0.35:
+        return memory_access(rnd, R_DATA2 if rnd.random() < 0.5 else R_DATA, 0x1000)
+    if r < 0.45:
+        return [I.ldst_uimm(2, rnd.choice((0, 1)), _gpr(rnd), R_GICD, rnd.randrange(0, 0x100, 4))]
+    if r < 0.7:
+        read, rt = rnd.random() < 0.6, _gpr(rnd)
+        if rnd.random() < 0.2:
+            return [I.mdscr(read, rt)]
+        return [I.debug_reg(read, rt, rnd.randrange(4, 8), rnd.randrange(4))]
+    if r < 0.9:
+        if rnd.random() < 0.7:
+            func = rnd.choice(HVC_FUNCS)
+        else:
+            func = rnd.choice(UNKNOWN_FUNC_BASES) | rnd.getrandbits(16)
+        return [I.movz(0, func >> 16, 1), I.movz(0, func & 0xFFFF, 0, keep=True), I.hvc(0)]
+    return [I.ldst_uimm(3, 1, _gpr(rnd), R_CODE, rnd.randrange(0, 0x100, 8))]   # load from a code page
+
+
+def control_snippet(rnd: random.Random) -> list[int]:
+    r = rnd.random()
+    if r < 0.35:      # a forward branch over a few instructions
+        skip = [w for _ in range(rnd.randint(1, 3)) for w in alu(rnd)]
+        branch = rnd.choice((lambda o: I.b(o), lambda o: I.cbz(_gpr(rnd), o, rnd.random() < 0.5),
+                             lambda o: I.b_cond(o, rnd.randrange(14)), lambda o: I.tbz(_gpr(rnd), rnd.randrange(64), o)))
+        return [branch(len(skip) + 1)] + skip
+    if r < 0.65:      # a bounded loop: body, then count x10 down
+        body = [w for _ in range(rnd.randint(1, 3)) for w in (exit_snippet(rnd) if rnd.random() < 0.4 else alu(rnd))]
+        return [I.movz(R_LOOP, rnd.randint(1, 4))] + body + [I.add_imm(R_LOOP, R_LOOP, 1, sub=True), I.cbz(R_LOOP, -(len(body) + 1), nonzero=True)]
+    if r < 0.8:       # call and return
+        return [I.bl(2), I.b(2), I.ret()]
+    if r < 0.95:      # load-exclusive, store-exclusive
+        base = rnd.choice((R_DATA, R_DATA2))
+        return [I.ldxr(3, 1, base), I.add_imm(1, 1, 1), I.stxr(3, 2, 1, base)]
+    return [I.B_SELF]  # spins until max_steps
+
+
+def program(rnd: random.Random, cfg: GenConfig = DEFAULT) -> list[int]:
+    target = rnd.randint(cfg.min_insns, cfg.max_insns)
+    words: list[int] = []
+    while len(words) < target:
+        r = rnd.random()
+        words += exit_snippet(rnd) if r < cfg.p_exit else control_snippet(rnd) if r < cfg.p_exit + 0.2 else alu(rnd)
+    return words
+
+
+def events(rnd: random.Random, n_insns: int, cfg: GenConfig = DEFAULT) -> tuple[Event, ...]:
+    out = []
+    for _ in range(rnd.randint(0, cfg.max_events)):
+        when, what = rnd.choice(EVENT_KINDS)
+        at = rnd.randint(1, n_insns + 2) if when in ("before", "after", "trap") else rnd.randint(1, 4)
+        out.append(Event(when, at, what))
+    return tuple(out)
+
+
+def generate(rnd: random.Random, cfg: GenConfig = DEFAULT) -> Case:
+    words = program(rnd, cfg)
+    # sometimes start near the end of a page so the code crosses into the next
+    base = CODE_BASE + (0x1000 - 4 * rnd.randint(1, 8) if rnd.random() < 0.15 else 0)
+    return Case(base=base, words=tuple(words), regs=registers(rnd), memory=memory(rnd),
+                mmio_read=rnd.choice((0, 0x80, 0x8000, 0x80000000, rnd.getrandbits(64))),
+                events=events(rnd, len(words), cfg), max_steps=cfg.max_steps, source="<generated>")

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""stepfuzz's libFuzzer harness (atheris).
+
+Run it through `stepfuzz fuzz`, or directly with libFuzzer flags:
+    fuzz/stepfuzz_fuzzer.py CORPUS_DIR -runs=1000
+Configuration comes from the environment:
+    STEPFUZZ_ERAS     era ids, comma-separated, or all (default)
+    STEPFUZZ_CRASHES  crash directory (default crashes)
+    STEPFUZZ_STARTED  campaign start, seconds since the epoch (for time-to-find)
+    STEPFUZZ_MAX_STEPS  bound on max_steps of any input (default 1000), so no
+                      input can make one execution slow
+    STEPFUZZ_ON_DIVERGENCE  record (default): keep it in the crash store and go
+                      on; crash: also raise on a signature new to this process,
+                      so engines that collect crashes (ClusterFuzz) see it
+A divergence never stops a local campaign.  Coverage of the oracle's Python
+code, plus behaviour features (fuzz/features.py), guides the search.
+"""
+import os
+import sys
+import time
+from dataclasses import replace
+
+import atheris
+
+with atheris.instrument_imports(include=["oracle", "fuzz.encoding", "fuzz.features"]):
+    from oracle.kvm.eras import select
+    from oracle.run import check
+    from fuzz import features
+    from fuzz.encoding import NotACase, decode_input
+
+from fuzz.crashes import CrashStore
+from fuzz.mutate import custom_crossover, custom_mutator
+from fuzz.workers import WorkerStats
+
+
+class DivergenceFound(Exception):
+    """Raised (in crash mode) so that a fuzzing engine records the input."""
+
+
+ERAS = select(os.environ.get("STEPFUZZ_ERAS", "all"))
+STORE = CrashStore(os.environ.get("STEPFUZZ_CRASHES", "crashes"),
+                   started=float(os.environ.get("STEPFUZZ_STARTED", time.time())))
+CRASH_MODE = os.environ.get("STEPFUZZ_ON_DIVERGENCE", "record") == "crash"
+MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", "1000"))
+STATS = WorkerStats(STORE.root, STORE.started)
+
+
+def test_one_input(data: bytes) -> None:
+    try:
+        case = decode_input(data)
+    except NotACase:
+        return                  # a broken JSON seed: `stepfuzz fuzz` warned about it
+    if case.max_steps > MAX_STEPS:
+        case = replace(case, max_steps=MAX_STEPS)
+    try:
+        results = check(case, ERAS)
+    except Exception as e:      # an oracle bug: keep the input, go on
+        STATS.oracle_error(data, e)
+        return
+    new = []
+    for r in results:
+        features.observe(r)
+        if r.divergence is not None and STORE.record(r, STATS.execs):
+            new.append(r.divergence.signature)
+    STATS.tick(len(STORE.seen))
+    if CRASH_MODE and new:
+        STORE.flush()
+        raise DivergenceFound(", ".join(new))
+
+
+def main() -> None:
+    atheris.instrument_func(features.bucket)
+    atheris.Setup(sys.argv, test_one_input, custom_mutator=custom_mutator, custom_crossover=custom_crossover)
+    try:
+        atheris.Fuzz()
+    finally:
+        STORE.flush()
+        STATS.write(len(STORE.seen), final=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The runner's protocol, host side: which cases can go to a real kernel,
+the batch file that carries them, the console lines that come back, and
+the real trace they make.  Also: comparing a real trace with a model's.
+
+Batch and result formats are described in runner.c and docs/real-kvm.md.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass, field
+
+from ..case import Case
+from ..guest import END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, UNSUPPORTED_INSN, ExecLog
+from ..trace import Exit, Stop, Trace
+
+MARK = "@@sf "
+CASE_TIMEOUT_BASE_MS = 5000     # per case: setup, prefault and slack under nested TCG
+CASE_TIMEOUT_PER_STEP_MS = 4    # plus this per allowed step
+REG_INDEX = {f"x{i}": i for i in range(31)} | {"sp": 31}
+KVM_EXITS = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 5: "HLT", 8: "SHUTDOWN",
+             9: "FAIL_ENTRY", 17: "INTERNAL_ERROR", 24: "SYSTEM_EVENT", 28: "ARM_NISV"}
+
+# Endings of a real trace that are not results of the kernel under test.
+NOT_REPRODUCIBLE, NOT_COMPARABLE, UNSUPPORTED = "not-reproducible", "not-comparable", "unsupported-by-runner"
+# Errors of the machinery (boot, runner, console, host), as opposed to KVM_RUN's own errors.
+INFRA_ERRORS = ("error:setup", "error:runner", "error:vm", "error:boot", "error:kernel-panic",
+                "error:garbled", "error:host")
+
+# Events the runner cannot apply deterministically, and why.
+WHY_NOT = {
+    "before": "a host interrupt before instruction {at} cannot be injected at an exact guest instruction",
+    "after": "a host interrupt after instruction {at} retires needs the CPU to take it before the step "
+             "exception; QEMU (TCG) always takes the step exception first",
+    "trap": "a signal arriving while the kernel handles the exit of instruction {at} cannot be timed "
+            "from userspace",
+}
+
+
+def case_timeout_ms(case: Case) -> int:
+    return CASE_TIMEOUT_BASE_MS + CASE_TIMEOUT_PER_STEP_MS * case.max_steps
+
+
+# ---------------------------------------------------------------- real traces
+
+@dataclass
+class RealTrace:
+    """What a real kernel showed for one case (or why it was not run)."""
+    source: str
+    stops: list[Stop] = field(default_factory=list)    # steps inferred (see infer_steps)
+    tail: tuple[Exit, ...] = ()                        # exits after the last stop
+    end: str = ""              # end | left-code | max-steps | error:<ERRNO> | timeout | not-reproducible | ...
+    detail: str = ""
+    notes: list[str] = field(default_factory=list)
+    console: str = ""          # the console's last lines, when the run failed
+    steps_inferred: bool = True
+
+    @property
+    def sent(self) -> bool:
+        return not self.end.startswith((NOT_REPRODUCIBLE, NOT_COMPARABLE))
+
+    @property
+    def failed(self) -> bool:
+        """The run did not produce a kernel result (boot, runner or host trouble)."""
+        return self.end == "timeout" or self.end.startswith(INFRA_ERRORS)
+
+    @property
+    def exits(self) -> list[tuple[int, Exit]]:
+        """Every non-stop exit with the number of stops before it."""
+        out = [(i, e) for i, s in enumerate(self.stops) for e in s.exits]
+        return out + [(len(self.stops), e) for e in self.tail]
+
+
+def skip_reason(case: Case, log: ExecLog) -> RealTrace | None:
+    """A trace that says why `case` is not sent to a real kernel, or None."""
+    if log.outcome in (UNSUPPORTED_INSN, GUEST_EXCEPTION):
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{log.outcome}", detail=log.detail)
+    for e in case.events:
+        if e.when in WHY_NOT:
+            return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:{e.when}-{e.what}",
+                             detail="not reproducible here: " + WHY_NOT[e.when].format(at=e.at))
+    return None
+
+
+# ---------------------------------------------------------------- batch file
+
+def encode(cases: list[tuple[int, Case]]) -> str:
+    """The runner's input for `cases` ((id, case) pairs)."""
+    out = ["stepfuzz-batch 1"]
+    for cid, c in cases:
+        out.append(f"case {cid} {c.base:#x} {c.max_steps} {case_timeout_ms(c)} {c.mmio_read:#x}")
+        out += [f"reg {REG_INDEX[name]} {value:#x}" for name, value in c.regs]
+        out += [f"region {r.kind} {r.base:#x} {r.size:#x} {int(r.prefault)}" for r in c.memory]
+        out += [f"event {'mmio' if e.when == 'mmio-exit' else 'stop'} {e.at} {e.what}"
+                for e in c.events if e.when in ("mmio-exit", "stop")]
+        out.append(f"words {len(c.words)}")
+        for i in range(0, len(c.words), 8):
+            out.append(" ".join(f"{w:#x}" for w in c.words[i:i + 8]))
+        out.append("go")
+    out.append("end")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- console lines
+
+LINE = re.compile(r"@@sf (\S.*)$")
+
+
+class Parser:
+    """Turns the runner's lines into RealTraces, as they arrive."""
+
+    def __init__(self, sources: dict[int, str]):
+        self.sources = sources
+        self.traces: dict[int, RealTrace] = {}
+        self.current: int | None = None     # the case that has begun and not ended
+        self.ready = False
+        self.done = False
+        self.fatal = ""
+        self.exec_status: str | None = None
+        self._exits: list[Exit] = []
+        self._records = 0
+
+    def feed(self, raw: str) -> None:
+        m = LINE.search(raw.rstrip("\r\n"))
+        if not m:
+            return
+        words = m[1].split()
+        head = words[0]
+        if head == "ready":
+            self.ready = True
+        elif head == "done":
+            self.done = True
+        elif head == "fatal":
+            self.fatal = " ".join(words[1:])
+        elif head == "exec-exit":
+            self.exec_status = " ".join(words[1:])
+        elif head.isdigit() and len(words) >= 2:
+            self._case_line(int(head), words[1], words[2:])
+
+    def _case_line(self, cid: int, kind: str, args: list[str]) -> None:
+        if kind == "begin":
+            self.current = cid
+            self.traces[cid] = RealTrace(self.sources.get(cid, str(cid)))
+            self._exits, self._records = [], 0
+            return
+        t = self.traces.get(cid)
+        if t is None or cid != self.current:
+            return
+        try:
+            if kind == "S":
+                t.stops.append(Stop(int(args[0], 16), 0, int(args[1], 16), tuple(self._exits)))
+                self._exits = []
+                self._records += 1
+            elif kind == "M":
+                direction, addr, size, data = args[0], int(args[1], 16), int(args[2]), int(args[3], 16)
+                verb = "write" if direction == "w" else "read"
+                self._exits.append(Exit("mmio", f"{verb} {size} bytes at {addr:#x}: {data:#x}"))
+                self._records += 1
+            elif kind == "I":
+                self._exits.append(Exit("eintr"))
+                self._records += 1
+            elif kind == "E":
+                self._exits.append(Exit("error", f"KVM_RUN: {_errno_name(int(args[0]))}"))
+                self._records += 1
+            elif kind == "note":
+                t.notes.append(" ".join(args))
+            elif kind == "end":
+                self._end(t, args)
+        except (IndexError, ValueError):
+            self._records = -1 << 30          # a garbled line: the end count will not match
+
+    def _end(self, t: RealTrace, args: list[str]) -> None:
+        reason, count, detail = args[0], int(args[1]), " ".join(args[2:])
+        t.tail = tuple(self._exits)
+        self.current = None
+        if count != self._records:
+            t.end, t.detail = "error:garbled-output", f"the runner reported {count} records, {max(self._records, 0)} arrived intact"
+            return
+        if reason in ("end", "left-code", "max-steps", "timeout"):
+            t.end = reason
+        elif reason == "error":
+            t.end = f"error:{_errno_name(int(detail))}"
+            detail = f"KVM_RUN failed with {_errno_name(int(detail))} ({os.strerror(int(detail))})"
+        elif reason == "exit":
+            t.end = f"error:exit-{KVM_EXITS.get(int(detail), detail)}"
+            detail = f"KVM_RUN returned exit reason {detail}"
+        elif reason == "max-runs":
+            t.end, detail = "error:too-many-runs", "8 x max_steps + 64 KVM_RUN calls without an ending"
+        elif reason == "unsupported":
+            t.end = f"{UNSUPPORTED}"
+        else:
+            t.end = f"error:{reason}"
+        t.detail = detail
+
+
+def _errno_name(n: int) -> str:
+    return errno.errorcode.get(n, str(n))
+
+
+# ---------------------------------------------------------------- steps, inferred
+
+def infer_steps(trace: RealTrace, log: ExecLog) -> None:
+    """Fill in steps per stop by walking the reference path.
+
+    A real kernel does not say how many instructions ran between two stops.
+    Each stop's PC is looked up on the ideal path from the previous stop's
+    position on; the steps are the positions advanced.  A stop with ISV=1
+    stepped an instruction, so its search starts one further (this keeps a
+    branch-to-self at 1 step).  A PC off the path gets -1 and leaves the
+    position where it was.
+    """
+    pcs = log.pcs
+    pos = 0
+    stops = []
+    for s in trace.stops:
+        start = pos + 1 if s.isv else pos
+        found = next((q for q in range(start, len(pcs)) if pcs[q] == s.pc), None)
+        if found is None and start != pos and pos < len(pcs) and pcs[pos] == s.pc:
+            found = pos
+        if found is None:
+            stops.append(s._replace(steps=-1))
+        else:
+            stops.append(s._replace(steps=found - pos))
+            pos = found
+    trace.stops = stops
+
+
+# ---------------------------------------------------------------- model vs real
+
+MODEL_END_AS_REAL = {END: "end", NO_SYNDROME: "error:ENOSYS", LEFT_CODE: "left-code", MAX_STEPS: "max-steps"}
+
+
+@dataclass(frozen=True)
+class Difference:
+    stop: int                 # index of the first stop that differs (len(stops) for the ending)
+    what: str
+
+
+def exit_key(e: Exit) -> tuple:
+    """What must match in an exit: its kind, and for MMIO direction, size, address and value."""
+    if e.kind != "mmio":
+        return (e.kind, e.detail)
+    m = re.match(r"(read|write) (\d+) bytes at (0x[0-9a-f]+): (0x[0-9a-f]+)", e.detail)
+    if not m:
+        return (e.kind, e.detail)
+    size = int(m[2])
+    return ("mmio", m[1], size, int(m[3], 16), int(m[4], 16) & ((1 << (8 * size)) - 1))
+
+
+def _exits_differ(a: tuple[Exit, ...], b: tuple[Exit, ...]) -> bool:
+    return [exit_key(e) for e in a] != [exit_key(e) for e in b]
+
+
+def difference(model: Trace, real: RealTrace) -> Difference | None:
+    """None when the real kernel showed what the model predicts, stop for stop."""
+    mstops, rstops = model.stops, real.stops
+    capped = model.outcome == MAX_STEPS          # the model stopped counting: compare its stops only
+    for i, (m, r) in enumerate(zip(mstops, rstops)):
+        if m.pc != r.pc:
+            return Difference(i, f"PC {m.pc:#x} (model) vs {r.pc:#x} (real)")
+        if m.isv != r.isv:
+            return Difference(i, f"ISV {m.isv} (model) vs {r.isv} (real)")
+        if _exits_differ(m.exits, r.exits):
+            return Difference(i, "different exits before this stop")
+    n = min(len(mstops), len(rstops))
+    if len(rstops) < len(mstops):
+        return Difference(n, f"{len(mstops)} stops (model) vs {len(rstops)} (real)")
+    if capped:
+        return None
+    if len(rstops) > len(mstops):
+        return Difference(n, f"{len(mstops)} stops (model) vs {len(rstops)} (real)")
+    if _exits_differ(model.tail, real.tail):
+        return Difference(n, "different exits after the last stop")
+    want = MODEL_END_AS_REAL.get(model.outcome, model.outcome)
+    if want != real.end:
+        return Difference(n, f"ending {model.outcome} (model) vs {real.end} (real)")
+    return None
