@@ -101,6 +101,42 @@ def cmd_case_check(args: argparse.Namespace) -> int:
     return EXIT_BAD if bad else EXIT_AGREE
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from .campaign import Config, parse_duration, run
+    eras_arg(args.era)
+    try:
+        seconds = parse_duration(args.time) if args.time else None
+    except ValueError as e:
+        fail(str(e))
+    if seconds is None and args.runs is None:
+        seconds = 60.0
+    if args.jobs < 1:
+        fail("--jobs must be at least 1")
+    return run(Config(eras=args.era, seconds=seconds, runs=args.runs, jobs=args.jobs, corpus=Path(args.corpus),
+                      crashes=Path(args.crashes), seed=args.seed, max_steps=args.max_steps,
+                      extra=args.libfuzzer or []))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import status
+    d = Path(args.dir)
+    if not d.is_dir():
+        fail(f"{d}: no such campaign directory")
+    print(status(d))
+    return EXIT_AGREE
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .status import plot
+    d = Path(args.dir)
+    if not (d / "stats.jsonl").exists():
+        fail(f"{d}: no stats.jsonl (not a campaign's crash directory?)")
+    out = Path(args.output or d / "plot.html")
+    plot(d, out)
+    print(out)
+    return EXIT_AGREE
+
+
 def cmd_eras(args: argparse.Namespace) -> int:
     for e in ERAS.values():
         print(f"{e.id:<9} {e.kernels}")
@@ -127,6 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="validate case files")
     cc.add_argument("files", nargs="+", metavar="FILE")
     cc.set_defaults(func=cmd_case_check)
+
+    f = sub.add_parser("fuzz", help="run a coverage-guided campaign (atheris/libFuzzer)")
+    f.add_argument("--era", default="all", help="era id, comma-separated ids, or all (default)")
+    f.add_argument("--time", help="how long: 90, 30s, 5m, 8h, 1h30m (default 60s unless --runs)")
+    f.add_argument("--runs", type=int, help="stop after this many executions (per worker)")
+    f.add_argument("--jobs", type=int, default=1, help="parallel workers on one shared corpus")
+    f.add_argument("--corpus", default="corpus", help="corpus directory (default corpus/)")
+    f.add_argument("--crashes", default="crashes", help="crash directory (default crashes/)")
+    f.add_argument("--seed", type=int, help="libFuzzer seed (printed at start; reuse to repeat)")
+    f.add_argument("--max-steps", type=int, default=256, help="bound on any input's max_steps (default 256)")
+    f.add_argument("libfuzzer", nargs="*", metavar="-- LIBFUZZER_FLAG", help="extra libFuzzer flags after --")
+    f.set_defaults(func=cmd_fuzz)
+
+    st = sub.add_parser("status", help="summarise a running or finished campaign")
+    st.add_argument("dir", nargs="?", default="crashes", metavar="DIR", help="its crash directory")
+    st.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("plot", help="draw execs/s, coverage and divergences over time (HTML)")
+    pl.add_argument("dir", nargs="?", default="crashes", metavar="DIR")
+    pl.add_argument("-o", "--output", help="output file (default DIR/plot.html)")
+    pl.set_defaults(func=cmd_plot)
 
     e = sub.add_parser("eras", help="list the era models and the kernels they stand for")
     e.set_defaults(func=cmd_eras)

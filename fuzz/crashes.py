@@ -25,7 +25,7 @@ from oracle.run import Result
 
 from .report import result_table
 
-FLUSH_EVERY_S = 5.0
+FLUSH_EVERY_S = 2.0
 
 
 def now_iso() -> str:
@@ -82,6 +82,8 @@ class CrashStore:
         if sid not in self.seen:
             self.seen.add(sid)
             new = self._create(r, execs)
+            if new:
+                return True           # counted as 1 on creation
         p = self.pending.setdefault(sid, _Pending())
         p.count += 1
         p.last_seen = now_iso()
@@ -101,7 +103,7 @@ class CrashStore:
                 return False           # another worker or an earlier campaign has it
         self._write_case(path, r)
         info = {**d.to_json(), "era": r.era.id, "kernels": r.era.kernels,
-                "first_seen": now_iso(), "last_seen": now_iso(), "count": 0,
+                "first_seen": now_iso(), "last_seen": now_iso(), "count": 1,
                 "case_insns": len(r.case.words),
                 "first_found": {"worker": self.worker, "elapsed_s": round(time.time() - self.started, 3),
                                 "execs": execs}}

@@ -96,17 +96,21 @@ def decode(data: bytes) -> Case:
 
 
 def _normalise(regions: list[Region], base: int, words: list[int]) -> tuple[list[Region], int, list[int]]:
-    """Make a decoded memory map valid: no overlaps, bounded RAM, code in RAM."""
-    kept: list[Region] = []
-    ram = 0
-    for reg in sorted(regions, key=lambda k: k.base):
-        if kept and reg.base < kept[-1].end:
+    """Make a decoded memory map valid (no overlaps, bounded RAM, code in RAM),
+    keeping the regions in their order."""
+    keep: set[int] = set()
+    ram, last_end = 0, -1
+    for i in sorted(range(len(regions)), key=lambda i: regions[i].base):
+        reg = regions[i]
+        if reg.base < last_end:
             continue                  # overlaps the region before it
         if reg.kind == "ram":
             if ram + reg.size > MAX_RAM:
                 continue
             ram += reg.size
-        kept.append(reg)
+        keep.add(i)
+        last_end = reg.end
+    kept = [r for i, r in enumerate(regions) if i in keep]
     if not words:
         words = [0xD503201F]
     home = next((k for k in kept if k.kind == "ram" and k.base <= base < k.end and base + 4 * len(words) + 4 <= k.end), None)
@@ -117,7 +121,6 @@ def _normalise(regions: list[Region], base: int, words: list[int]) -> tuple[list
             kept.append(home)
         base = home.base
         words = words[:(home.size - 4) // 4]
-    kept.sort(key=lambda k: k.base)
     return kept, base, words
 
 

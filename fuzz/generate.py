@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from oracle.case import Case, Event, Region
+from oracle.case import REG_NAMES, Case, Event, Region
 
 from . import insns as I
 from .encoding import EVENT_KINDS
@@ -48,7 +48,7 @@ def registers(rnd: random.Random) -> tuple[tuple[str, int], ...]:
             f"x{R_CODE}": CODE_BASE, f"x{R_LOOP}": rnd.randint(1, 4), "sp": DATA + 0x3000}
     for r in rnd.sample(range(10), rnd.randint(0, 4)):
         regs[f"x{r}"] = rnd.choice([0, 1, rnd.getrandbits(16), rnd.getrandbits(64)])
-    return tuple(sorted(regs.items(), key=lambda kv: (kv[0] != "sp", int(kv[0][1:]) if kv[0] != "sp" else 0)))
+    return tuple((name, regs[name]) for name in REG_NAMES if name in regs)
 
 
 def _gpr(rnd: random.Random) -> int:

@@ -308,6 +308,8 @@ def _trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> str:
     head = f"{t.source}  {where}: {t.end}" + (f" ({t.detail})" if t.detail else "")
     if not t.sent:
         return head
+    if t.failed and not t.stops:
+        return head + ("\n  console (last lines):\n    " + t.console.replace("\n", "\n    ") if t.console else "")
     lines = [head, f"  {'stop':>4}  {'stepped from':<38} {'pc':<10} {'steps':>5}  isv  exits in between"]
     prev_pc, last = case.base, -1
     for i in _rows(len(t.stops), 0, show_all):
@@ -330,7 +332,7 @@ def _trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> str:
 
 def _side_by_side(case, path: str, model: Trace, real: RealTrace, d, kernel: str, era: str) -> str:
     lines = [f"{path}  DIFFERS on {kernel} vs era {era} at stop {d.stop + 1}: {d.what}",
-             f"  {'stop':>4}  {'model pc':<10} {'isv':>3}  {'exits':<34} {'real pc':<10} {'isv':>3}  exits"]
+             f"  {'stop':>4}  {'model pc':<10} {'isv':>3}   {'real pc':<10} {'isv':>3}  exits before the stop"]
     n = max(len(model.stops), len(real.stops))
     last = -1
     for i in _rows(n, d.stop, False):
@@ -339,10 +341,14 @@ def _side_by_side(case, path: str, model: Trace, real: RealTrace, d, kernel: str
         last = i
         m = model.stops[i] if i < len(model.stops) else None
         r = real.stops[i] if i < len(real.stops) else None
-        mcol = f"{m.pc:<#10x} {m.isv:>3}  {_exits_text(m.exits):<34}" if m else f"{'-':<10} {'':>3}  {'':<34}"
-        rcol = f"{r.pc:<#10x} {r.isv:>3}  {_exits_text(r.exits)}" if r else "-"
-        mark = "   <<" if i == d.stop else ""
-        lines.append(f"  {i + 1:>4}  {mcol} {rcol}{mark}")
+        mcol = f"{m.pc:<#10x} {m.isv:>3}" if m else f"{'-':<10} {'':>3}"
+        rcol = f"{r.pc:<#10x} {r.isv:>3}" if r else f"{'-':<10} {'':>3}"
+        mark = "  <<" if i == d.stop else ""
+        lines.append(f"  {i + 1:>4}  {mcol}   {rcol}{mark}")
+        mex, rex = _exits_text(m.exits) if m else "", _exits_text(r.exits) if r else ""
+        if mex or rex:
+            lines.append(f"  {'':>4}    model: {mex or '-'}")
+            lines.append(f"  {'':>4}    real:  {rex or '-'}")
     lines.append(f"  end: model {model.outcome}" + (f" ({model.detail})" if model.detail else "")
                  + f", real {real.end}" + (f" ({real.detail})" if real.detail else ""))
     if model.tail or real.tail:

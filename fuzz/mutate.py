@@ -10,7 +10,7 @@ import random
 from dataclasses import replace
 from typing import Callable
 
-from oracle.case import IPA_LIMIT, PAGE, Case, Event, Region
+from oracle.case import IPA_LIMIT, PAGE, REG_NAMES, Case, Event, Region
 
 from . import generate as G
 from .encoding import EVENT_KINDS, NotACase, decode, decode_input, encode
@@ -82,8 +82,7 @@ def mutate_registers(rnd: random.Random, case: Case) -> Case:
     name = rnd.choice([f"x{i}" for i in range(31)] + ["sp"])
     regs[name] = rnd.choice((0, 1, rnd.getrandbits(64), G.DATA, G.DATA2, G.MMIO, G.GICD_RAZ, G.CODE_BASE,
                              regs.get(name, 0) + rnd.choice((-8, 8, 0x1000))) ) & ((1 << 64) - 1)
-    order = [f"x{i}" for i in range(31)] + ["sp"]
-    return replace(case, regs=tuple((k, regs[k]) for k in order if k in regs))
+    return replace(case, regs=tuple((k, regs[k]) for k in REG_NAMES if k in regs))
 
 
 def mutate_memory(rnd: random.Random, case: Case) -> Case:

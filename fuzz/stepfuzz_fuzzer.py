@@ -7,7 +7,7 @@ Configuration comes from the environment:
     STEPFUZZ_ERAS     era ids, comma-separated, or all (default)
     STEPFUZZ_CRASHES  crash directory (default crashes)
     STEPFUZZ_STARTED  campaign start, seconds since the epoch (for time-to-find)
-    STEPFUZZ_MAX_STEPS  bound on max_steps of any input (default 1000), so no
+    STEPFUZZ_MAX_STEPS  bound on max_steps of any input (default 256), so no
                       input can make one execution slow
     STEPFUZZ_ON_DIVERGENCE  record (default): keep it in the crash store and go
                       on; crash: also raise on a signature new to this process,
@@ -41,7 +41,7 @@ ERAS = select(os.environ.get("STEPFUZZ_ERAS", "all"))
 STORE = CrashStore(os.environ.get("STEPFUZZ_CRASHES", "crashes"),
                    started=float(os.environ.get("STEPFUZZ_STARTED", time.time())))
 CRASH_MODE = os.environ.get("STEPFUZZ_ON_DIVERGENCE", "record") == "crash"
-MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", "1000"))
+MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", "256"))
 STATS = WorkerStats(STORE.root, STORE.started)
 
 
@@ -68,14 +68,21 @@ def test_one_input(data: bytes) -> None:
         raise DivergenceFound(", ".join(new))
 
 
+def _at_exit(_arg=None) -> None:
+    STORE.flush()
+    STATS.write(len(STORE.seen), final=True)
+
+
 def main() -> None:
+    # libFuzzer ends the process with exit(), which skips Python's own exit
+    # handlers: register the final flush with the C library instead.
+    import ctypes
+    global _EXIT_HOOK
+    _EXIT_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_at_exit)
+    ctypes.CDLL(None).__cxa_atexit(_EXIT_HOOK, None, None)
     atheris.instrument_func(features.bucket)
     atheris.Setup(sys.argv, test_one_input, custom_mutator=custom_mutator, custom_crossover=custom_crossover)
-    try:
-        atheris.Fuzz()
-    finally:
-        STORE.flush()
-        STATS.write(len(STORE.seen), final=True)
+    atheris.Fuzz()
 
 
 if __name__ == "__main__":

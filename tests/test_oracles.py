@@ -110,3 +110,20 @@ def test_same_case_gives_the_same_trace_every_time():
     case = load_case(CORPUS / "real-kernel" / "probe-immediate-exit.json")
     runs = [[(r.model.stops, r.model.outcome) for r in check(case, select("all"))] for _ in range(3)]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_fast_forward_changes_no_trace():
+    """Runs of plain instructions are applied in bulk from learned steady
+    states; the full loop must give exactly the same traces."""
+    from fuzz.generate import generate
+    import oracle.kvm.vmm as vmm
+    rnd = random.Random(11)
+    cases = [generate(rnd) for _ in range(300)] + [load_case(p) for p in CORPUS_FILES]
+    eras = select("all")
+    fast = [[(r.model.stops, r.model.outcome, r.model.skipped) for r in check(c, eras)] for c in cases]
+    vmm.FAST_FORWARD = False
+    try:
+        slow = [[(r.model.stops, r.model.outcome, r.model.skipped) for r in check(c, eras)] for c in cases]
+    finally:
+        vmm.FAST_FORWARD = True
+    assert fast == slow

@@ -248,8 +248,14 @@ def exit_key(e: Exit) -> tuple:
     return ("mmio", m[1], size, int(m[3], 16), int(m[4], 16) & ((1 << (8 * size)) - 1))
 
 
-def _exits_differ(a: tuple[Exit, ...], b: tuple[Exit, ...]) -> bool:
-    return [exit_key(e) for e in a] != [exit_key(e) for e in b]
+def _exits_differ(model: tuple[Exit, ...], real: tuple[Exit, ...]) -> str:
+    """'' when the exits match, else what differs first."""
+    for m, r in zip(model, real):
+        if exit_key(m) != exit_key(r):
+            return f"exit '{m.kind} {m.detail}' (model) vs '{r.kind} {r.detail}' (real)"
+    if len(model) != len(real):
+        return f"{len(model)} exits (model) vs {len(real)} (real)"
+    return ""
 
 
 def difference(model: Trace, real: RealTrace) -> Difference | None:
@@ -261,8 +267,9 @@ def difference(model: Trace, real: RealTrace) -> Difference | None:
             return Difference(i, f"PC {m.pc:#x} (model) vs {r.pc:#x} (real)")
         if m.isv != r.isv:
             return Difference(i, f"ISV {m.isv} (model) vs {r.isv} (real)")
-        if _exits_differ(m.exits, r.exits):
-            return Difference(i, "different exits before this stop")
+        why = _exits_differ(m.exits, r.exits)
+        if why:
+            return Difference(i, why + " before this stop")
     n = min(len(mstops), len(rstops))
     if len(rstops) < len(mstops):
         return Difference(n, f"{len(mstops)} stops (model) vs {len(rstops)} (real)")
@@ -270,8 +277,9 @@ def difference(model: Trace, real: RealTrace) -> Difference | None:
         return None
     if len(rstops) > len(mstops):
         return Difference(n, f"{len(mstops)} stops (model) vs {len(rstops)} (real)")
-    if _exits_differ(model.tail, real.tail):
-        return Difference(n, "different exits after the last stop")
+    why = _exits_differ(model.tail, real.tail)
+    if why:
+        return Difference(n, why + " after the last stop")
     want = MODEL_END_AS_REAL.get(model.outcome, model.outcome)
     if want != real.end:
         return Difference(n, f"ending {model.outcome} (model) vs {real.end} (real)")

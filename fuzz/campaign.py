@@ -1,0 +1,271 @@
+"""`stepfuzz fuzz`: run and watch a libFuzzer campaign of the atheris harness.
+
+The supervisor starts libFuzzer (one process, or -jobs/-workers sharing one
+corpus), prints a live status line, appends a stats record every few
+seconds to <crashes>/stats.jsonl and ends with a summary.  Everything a
+campaign keeps lives in the corpus and crash directories, so running it
+again on the same directories resumes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from oracle.case import CaseError, load_case
+
+from .crashes import now_iso, read_json, write_atomic
+from .encoding import looks_like_json
+
+STATS_EVERY_S = 10.0
+RATE_WINDOW_S = 10.0
+LIBFUZZER_LINE = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+)(?: corp: (\d+)/\S+)?.*?exec/s: (\d+)")
+DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '30s', '5m', '8h', '1h30m' -> seconds."""
+    pos, total = 0, 0.0
+    text = text.strip().lower()
+    for m in DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text or total <= 0:
+        raise ValueError(f"not a duration: {text!r} (examples: 90, 30s, 5m, 8h, 1h30m)")
+    return total
+
+
+@dataclass
+class Config:
+    eras: str = "all"
+    seconds: float | None = None
+    runs: int | None = None
+    jobs: int = 1
+    corpus: Path = Path("corpus")
+    crashes: Path = Path("crashes")
+    seed: int | None = None
+    max_steps: int = 256
+    extra: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepfuzz"
+
+
+def harness_launcher() -> Path:
+    """An executable that starts the harness with this Python: libFuzzer's
+    -jobs and -fork modes re-execute argv[0]."""
+    path = cache_dir() / "bin" / "stepfuzz_fuzzer"
+    text = f"#!{sys.executable}\nfrom fuzz.stepfuzz_fuzzer import main\nmain()\n"
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+        path.chmod(0o755)
+    return path
+
+
+def scan_corpus(corpus: Path) -> tuple[int, list[str]]:
+    """Count the entries; one warning per case file that cannot be read (left in place)."""
+    count, warnings = 0, []
+    for p in sorted(corpus.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        count += 1
+        with open(p, "rb") as f:
+            head = f.read(64)
+        if p.suffix == ".json" or looks_like_json(head):
+            try:
+                load_case(p)
+            except CaseError as e:
+                warnings.append(f"{e} (skipped by the harness, left in place)")
+    return count, warnings
+
+
+class Monitor:
+    """Collects progress from libFuzzer's output and the workers' files."""
+
+    def __init__(self, cfg: Config, started: float):
+        self.cfg, self.started = cfg, started
+        self.cov = self.ft = 0
+        self.recent: list[tuple[float, int]] = []     # (time, execs) over the last RATE_WINDOW_S
+
+    def feed(self, line: str) -> None:
+        m = LIBFUZZER_LINE.match(line)
+        if m:
+            self.cov, self.ft = max(self.cov, int(m.group(3))), max(self.ft, int(m.group(4)))
+
+    def workers(self) -> list[dict]:
+        out = []
+        for p in (self.cfg.crashes / ".workers").glob("*.json"):
+            info = read_json(p)
+            if info and info.get("begun", 0) >= self.started - 1:
+                out.append(info)
+        return out
+
+    def snapshot(self) -> dict:
+        now = time.time()
+        workers = self.workers()
+        execs = sum(w.get("execs", 0) for w in workers)
+        self.recent = [(t, e) for t, e in self.recent if now - t <= RATE_WINDOW_S] + [(now, execs)]
+        t0, e0 = self.recent[0]
+        rate = (execs - e0) / (now - t0) if now - t0 >= 1 else 0.0
+        by_era = Counter()
+        for d in self.cfg.crashes.iterdir():
+            info = read_json(d / "divergence.json") if d.is_dir() else None
+            if info:
+                by_era[info["era"]] += 1
+        return {"time": now_iso(), "t": round(now, 3), "elapsed_s": round(now - self.started, 1),
+                "execs": execs, "execs_per_s": round(rate, 1),
+                "corpus": sum(1 for p in self.cfg.corpus.rglob("*") if p.is_file()),
+                "cov": self.cov, "ft": self.ft,
+                "rss_mb": round(sum(w.get("rss_kb", 0) for w in workers) / 1024, 1),
+                "workers": len([w for w in workers if not w.get("final")]),
+                "unique": sum(by_era.values()), "by_era": dict(sorted(by_era.items()))}
+
+
+def status_line(s: dict) -> str:
+    e = int(s["elapsed_s"])
+    eras = " ".join(f"{k}:{v}" for k, v in s["by_era"].items()) or "none yet"
+    return (f"[{e // 3600:02d}:{e // 60 % 60:02d}:{e % 60:02d}] execs {s['execs']:,} ({s['execs_per_s']:.0f}/s)"
+            f"  corpus {s['corpus']}  cov {s['cov']}  divergences {s['unique']} ({eras})")
+
+
+def run(cfg: Config) -> int:
+    cfg.corpus.mkdir(parents=True, exist_ok=True)
+    cfg.crashes.mkdir(parents=True, exist_ok=True)
+    logs = cfg.crashes / "logs"
+    logs.mkdir(exist_ok=True)
+    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2_000_000_000 + 1
+    entries, warnings = scan_corpus(cfg.corpus)
+    for w in warnings:
+        print(f"stepfuzz: warning: {w}", file=sys.stderr)
+    known = sum(1 for d in cfg.crashes.iterdir() if (d / "divergence.json").exists())
+    started = time.time()
+    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"stepfuzz: seed {seed} (reuse with --seed {seed}); eras {cfg.eras}; "
+        f"corpus {cfg.corpus} ({entries} entries{', resuming' if entries else ''}); "
+        f"crashes {cfg.crashes} ({known} known divergences)")
+    write_atomic(cfg.crashes / "campaign.json", json.dumps(
+        {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+         "seed": seed, "started": started, "started_iso": now_iso(), "pid": os.getpid()}, indent=2))
+
+    argv = [str(harness_launcher()), str(cfg.corpus.resolve()), f"-seed={seed}", "-reduce_inputs=0",
+            "-max_len=4096", "-timeout=120", "-rss_limit_mb=4096", "-print_final_stats=1",
+            f"-artifact_prefix={(cfg.crashes / 'artifacts').resolve()}/"]
+    (cfg.crashes / "artifacts").mkdir(exist_ok=True)
+    if cfg.seconds:
+        argv.append(f"-max_total_time={max(1, int(cfg.seconds))}")
+    if cfg.runs is not None:
+        argv.append(f"-runs={cfg.runs}")
+    if cfg.jobs > 1:
+        argv += [f"-jobs={cfg.jobs}", f"-workers={cfg.jobs}"]
+    argv += cfg.extra
+    env = {**os.environ, "STEPFUZZ_ERAS": cfg.eras, "STEPFUZZ_CRASHES": str(cfg.crashes.resolve()),
+           "STEPFUZZ_STARTED": str(started), "STEPFUZZ_MAX_STEPS": str(cfg.max_steps)}
+    proc = subprocess.Popen(argv, cwd=logs, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    monitor = Monitor(cfg, started)
+    reader = threading.Thread(target=_pump, args=(proc, logs / "main.log", monitor), daemon=True)
+    reader.start()
+
+    def stop(signum, _frame):
+        os.killpg(proc.pid, signal.SIGINT)       # libFuzzer stops cleanly on SIGINT
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    stats_path = cfg.crashes / "stats.jsonl"
+    next_stats = time.time()
+    tty = sys.stderr.isatty() and not cfg.quiet
+    try:
+        while proc.poll() is None:
+            time.sleep(1)
+            for f in logs.glob("fuzz-*.log"):
+                _tail(f, monitor)
+            snap = monitor.snapshot()
+            if time.time() >= next_stats:
+                next_stats = time.time() + STATS_EVERY_S
+                _append(stats_path, snap)
+                if not tty:
+                    say(status_line(snap))
+            if tty:
+                print("\r" + status_line(snap), end="", file=sys.stderr, flush=True)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    reader.join(timeout=5)
+    snap = monitor.snapshot()
+    snap["final"] = True
+    _append(stats_path, snap)
+    if tty:
+        print(file=sys.stderr)
+    summary(cfg, snap, started, say)
+    if proc.returncode not in (0, -signal.SIGINT, 130, 72):
+        say(f"stepfuzz: libFuzzer exited with status {proc.returncode}; its output is in {logs}")
+        return 2
+    return 0
+
+
+def summary(cfg: Config, snap: dict, started: float, say) -> None:
+    say(status_line(snap))
+    new = []
+    for d in sorted(cfg.crashes.iterdir()):
+        info = read_json(d / "divergence.json") if d.is_dir() else None
+        if info and info.get("first_found", {}).get("elapsed_s", -1) >= 0 and \
+                _iso_t(info["first_seen"]) >= started - 1:
+            new.append(info)
+    say(f"stepfuzz: {snap['execs']:,} executions in {snap['elapsed_s']:.0f} s; {len(new)} new divergence(s), "
+        f"{snap['unique']} in {cfg.crashes}")
+    for info in sorted(new, key=lambda i: i["first_found"]["elapsed_s"])[:40]:
+        say(f"  {info['first_found']['elapsed_s']:>8.1f}s  {info['title']}  [{cfg.crashes / info['id']}]")
+    if len(new) > 40:
+        say(f"  ... and {len(new) - 40} more: stepfuzz status {cfg.crashes}")
+
+
+def _iso_t(text: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _pump(proc: subprocess.Popen, log: Path, monitor: Monitor) -> None:
+    with open(log, "a") as out:
+        for line in proc.stdout:
+            out.write(line)
+            monitor.feed(line)
+
+
+_offsets: dict[Path, int] = {}
+
+
+def _tail(path: Path, monitor: Monitor) -> None:
+    try:
+        with open(path, errors="replace") as f:
+            f.seek(_offsets.get(path, 0))
+            for line in f:
+                monitor.feed(line)
+            _offsets[path] = f.tell()
+    except OSError:
+        pass
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,188 @@
+"""Campaigns: encoding, mutation, crash store, and real atheris runs from the command line."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS
+import fuzz.mutate as mutate
+from fuzz.crashes import CrashStore
+from fuzz.encoding import EVENT_KINDS, NotACase, decode, decode_input, encode
+from fuzz.generate import generate
+from oracle.case import load_case, parse_case
+from oracle.kvm.eras import select
+from oracle.run import check
+
+
+def stepfuzz(*args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+# ---------------------------------------------------------------- encoding
+
+def test_every_byte_string_decodes_to_a_valid_case():
+    rnd = random.Random(2)
+    for _ in range(3000):
+        data = bytes(rnd.getrandbits(8) for _ in range(rnd.choice((0, 1, 7, 40, 300))))
+        case = decode(data)
+        parse_case(case.to_json())          # valid by the case format's own checks
+
+
+def test_every_case_encodes_back():
+    rnd = random.Random(3)
+    cases = [load_case(p) for p in CORPUS.rglob("*.json")] + [generate(rnd) for _ in range(200)]
+    for c in cases:
+        back = decode(encode(c))
+        assert (back.base, back.words, back.regs, back.memory, back.mmio_read, back.events, back.max_steps) == \
+               (c.base, c.words, c.regs, c.memory, c.mmio_read, c.events, c.max_steps)
+
+
+def test_json_seeds_are_read_as_cases_and_broken_ones_refused():
+    path = CORPUS / "known" / "6.1-immediate-exit-after-mmio.json"
+    assert decode_input(path.read_bytes()).words == load_case(path).words
+    with pytest.raises(NotACase):
+        decode_input(b'{"stepfuzz": 1, "code": {}}')
+
+
+# ---------------------------------------------------------------- generation and mutation
+
+def test_generator_covers_every_region_and_event_kind():
+    rnd = random.Random(4)
+    kinds, events, exits = set(), set(), 0
+    for _ in range(300):
+        c = generate(rnd)
+        parse_case(c.to_json())
+        kinds |= {r.kind for r in c.memory}
+        events |= {(e.when, e.what) for e in c.events}
+        exits += sum(1 for s in check(c, select("arch"))[0].log.specials.values() if s.kind in ("mmio", "dbgreg", "hvc"))
+    assert kinds == {"ram", "mmio", "mmio-kernel"}
+    assert events == set(EVENT_KINDS)
+    assert exits > 300
+
+
+def test_mutator_and_crossover_keep_inputs_valid_and_bounded(monkeypatch):
+    monkeypatch.setattr(mutate, "BYTE_LEVEL_SHARE", 0.0)
+    rnd = random.Random(5)
+    pool = [b"", (CORPUS / "programs" / "loop.json").read_bytes()]
+    for i in range(1500):
+        if rnd.random() < 0.85:
+            out = mutate.custom_mutator(rnd.choice(pool), 2048, i)
+        else:
+            out = mutate.custom_crossover(rnd.choice(pool), rnd.choice(pool), 2048, i)
+        assert len(out) <= 2048
+        parse_case(decode(out).to_json())
+        pool = (pool + [out])[-40:]
+
+
+# ---------------------------------------------------------------- crash store
+
+def test_crash_store_dedups_across_workers_and_keeps_the_smallest(tmp_path):
+    big = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
+    small = parse_case({**big.to_json(), "code": {"base": "0x10000", "asm": "ldr x1, [x2]\nadd x0, x0, #1"}})
+    (rb,) = check(big, select("6.1"))
+    (rs,) = check(small, select("6.1"))
+    assert rb.divergence.signature == rs.divergence.signature
+    a, b = CrashStore(tmp_path, "a"), CrashStore(tmp_path, "b")
+    assert a.record(rb) is True
+    assert b.record(rb) is False and b.record(rs) is False
+    a.flush(); b.flush()
+    (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    info = json.loads((d / "divergence.json").read_text())
+    assert info["count"] == 3 and info["signature"] == "6.1/multi-step/immediate-exit+mmio"
+    assert info["case_insns"] == 2 and load_case(d / "case.json").words == small.words
+    assert "<< multi-step" in (d / "report.txt").read_text()
+    assert not list(d.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- real campaigns
+
+def _divergences(crashes: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in crashes.glob("*/divergence.json")]
+
+
+def test_campaign_from_an_empty_corpus_records_and_replays(tmp_path):
+    corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
+    p = stepfuzz("fuzz", "--era", "4.15,arch", "--runs", "400", "--seed", "11", "--corpus", corpus, "--crashes", crashes)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "seed 11 (reuse with --seed 11)" in p.stderr
+    divs = _divergences(crashes)
+    sigs = {d["signature"] for d in divs}
+    assert any(s.startswith("4.15/zero-step/stage2-") for s in sigs), sigs
+    assert not any(s.startswith("arch/") for s in sigs), sigs
+    assert len(list(corpus.iterdir())) > 10
+    for d in divs:                      # every finding replays to its signature
+        case = crashes / d["id"] / "case.json"
+        out = stepfuzz("run", case, "--era", d["era"], "--json")
+        assert out.returncode == 1
+        assert json.loads(out.stdout)["divergence"]["signature"] == d["signature"]
+        assert d["first_found"]["elapsed_s"] >= 0 and d["count"] >= 1
+    records = [json.loads(l) for l in (crashes / "stats.jsonl").read_text().splitlines()]
+    assert records[-1]["final"] and records[-1]["execs"] >= 400
+    st = stepfuzz("status", crashes)
+    assert st.returncode == 0 and "not running" in st.stdout and "4.15/zero-step" in st.stdout
+    pl = stepfuzz("plot", crashes, "-o", tmp_path / "plot.html")
+    assert pl.returncode == 0 and "<svg" in (tmp_path / "plot.html").read_text()
+
+
+def test_resume_keeps_everything_and_skips_junk_with_a_warning(tmp_path):
+    corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
+    corpus.mkdir()
+    (corpus / "broken.json").write_text('{"stepfuzz": 1, "code": ')
+    (corpus / "seed.json").write_bytes((CORPUS / "known" / "5.11-irq-after-retire-multi-step.json").read_bytes())
+    args = ("fuzz", "--era", "5.11", "--runs", "150", "--corpus", corpus, "--crashes", crashes)
+    first = stepfuzz(*args, "--seed", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "broken.json: not valid JSON" in first.stderr and "left in place" in first.stderr
+    entries = set(p.name for p in corpus.iterdir())
+    sigs = {d["signature"] for d in _divergences(crashes)}
+    assert "5.11/multi-step/irq-pending" in sigs
+    second = stepfuzz(*args, "--seed", "2")
+    assert second.returncode == 0
+    assert "resuming" in second.stderr
+    assert entries <= set(p.name for p in corpus.iterdir())          # nothing lost, junk kept
+    assert sigs <= {d["signature"] for d in _divergences(crashes)}
+    assert len(_divergences(crashes)) == len({d["signature"] for d in _divergences(crashes)})
+
+
+def test_sigkill_in_the_middle_loses_nothing_written(tmp_path):
+    corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
+    proc = subprocess.Popen([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", "120s", "--seed", "5",
+                             "--corpus", str(corpus), "--crashes", str(crashes)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and len(_divergences(crashes) if crashes.exists() else []) < 5:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    divs = _divergences(crashes)          # every file that exists parses
+    assert len(divs) >= 5
+    for d in divs:
+        load_case(crashes / d["id"] / "case.json")
+    after = stepfuzz("fuzz", "--runs", "50", "--seed", "6", "--corpus", corpus, "--crashes", crashes)
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert {d["id"] for d in divs} <= {d["id"] for d in _divergences(crashes)}
+
+
+def test_parallel_workers_share_corpus_and_crashes(tmp_path):
+    corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
+    p = stepfuzz("fuzz", "--jobs", "2", "--time", "20s", "--seed", "9", "--corpus", corpus, "--crashes", crashes)
+    assert p.returncode == 0, p.stderr[-2000:]
+    workers = [json.loads(w.read_text()) for w in (crashes / ".workers").glob("*.json")]
+    assert len(workers) >= 2 and all(w["execs"] > 0 for w in workers)
+    assert len(_divergences(crashes)) > 0
+    assert len(list(corpus.iterdir())) > 10
+
+
+def test_bad_campaign_arguments_fail_clearly(tmp_path):
+    p = stepfuzz("fuzz", "--time", "soon", "--crashes", tmp_path / "c")
+    assert p.returncode == 2 and "not a duration" in p.stderr
+    p = stepfuzz("fuzz", "--era", "7.7", "--crashes", tmp_path / "c")
+    assert p.returncode == 2 and "unknown era" in p.stderr
