@@ -137,6 +137,69 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_AGREE
 
 
+def cmd_rediscover(args: argparse.Namespace) -> int:
+    from .rediscover import table
+    print(table(list(range(1, args.seeds + 1)), args.limit, log=lambda m: print(m, file=sys.stderr)))
+    return EXIT_AGREE
+
+
+def cmd_minimize(args: argparse.Namespace) -> int:
+    import time
+    from dataclasses import replace
+
+    from .crashes import read_json, write_atomic
+    from .minimize import NotDivergent, describe, minimize
+    from .report import readable
+    target = Path(args.target)
+    if target.is_dir():
+        jobs = [(d / "case.json", d.name, (read_json(d / "divergence.json") or {}).get("era"), d / "minimized.json")
+                for d in sorted(target.iterdir()) if (d / "divergence.json").exists()]
+        if not jobs:
+            fail(f"{target}: no crash directories (*/divergence.json) in it")
+    else:
+        if not args.era:
+            fail("--era is needed for a single case")
+        out = Path(args.output) if args.output else target.with_name(target.stem + ".min.json")
+        jobs = [(target, str(target), args.era, out)]
+    status = EXIT_AGREE
+    for path, label, era_id, out in jobs:
+        try:
+            case = load_case(path)
+        except CaseError as e:
+            print(f"stepfuzz: {e}", file=sys.stderr)
+            status = EXIT_BAD
+            continue
+        era = eras_arg(args.era or era_id)[0]
+        t = time.perf_counter()
+        try:
+            small, m = minimize(case, era, log=(lambda s: print(s)) if args.verbose else (lambda s: None))
+        except NotDivergent as e:
+            print(f"stepfuzz: {path}: {e}", file=sys.stderr)
+            status = EXIT_BAD
+            continue
+        small = readable(replace(small, name=f"{m.signature}, minimized" + (f" from: {case.name}" if case.name else "")))
+        write_atomic(out, small.dumps())
+        print(f"{label}: {m.signature}: {describe(case)} -> {describe(small)} "
+              f"({m.checks} checks, {time.perf_counter() - t:.2f} s) -> {out}")
+    return status
+
+
+def cmd_triage(args: argparse.Namespace) -> int:
+    from .triage import collect, markdown, to_html
+    d = Path(args.dir)
+    if not d.is_dir():
+        fail(f"{d}: no such crash directory")
+    buckets = collect(d)
+    if args.kernels:
+        from .kvmcmd import triage_on_kernels
+        triage_on_kernels(buckets, args.kernels.split(","))
+    title = f"stepfuzz triage: {d}"
+    if args.html:
+        Path(args.html).write_text(to_html(buckets, title))
+    print(markdown(buckets, title), end="")
+    return EXIT_AGREE
+
+
 def cmd_eras(args: argparse.Namespace) -> int:
     for e in ERAS.values():
         print(f"{e.id:<9} {e.kernels}")
@@ -184,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dir", nargs="?", default="crashes", metavar="DIR")
     pl.add_argument("-o", "--output", help="output file (default DIR/plot.html)")
     pl.set_defaults(func=cmd_plot)
+
+    mn = sub.add_parser("minimize", help="shrink a divergent case (or every case of a crash directory)")
+    mn.add_argument("target", metavar="CASE|DIR")
+    mn.add_argument("--era", help="the era it diverges on (crash directories know theirs)")
+    mn.add_argument("-o", "--output", help="output file (default CASE.min.json; DIR/<id>/minimized.json)")
+    mn.add_argument("-v", "--verbose", action="store_true", help="show each pass that made progress")
+    mn.set_defaults(func=cmd_minimize)
+
+    tr = sub.add_parser("triage", help="group a crash directory by root cause; Markdown (and HTML) report")
+    tr.add_argument("dir", nargs="?", default="crashes", metavar="DIR")
+    tr.add_argument("--html", metavar="FILE", help="also write an HTML report")
+    tr.add_argument("--kernels", help="comma-separated real kernels to replay the smallest reproducers on")
+    tr.set_defaults(func=cmd_triage)
+
+    rd = sub.add_parser("rediscover", help="time to first find of the known bug classes, with and without feedback")
+    rd.add_argument("--seeds", type=int, default=5, help="seeds 1..N (default 5); medians are reported")
+    rd.add_argument("--limit", type=float, default=120.0, help="seconds per run (default 120)")
+    rd.set_defaults(func=cmd_rediscover)
 
     e = sub.add_parser("eras", help="list the era models and the kernels they stand for")
     e.set_defaults(func=cmd_eras)

@@ -5,6 +5,7 @@ from typing import Any
 
 from oracle.asm import disasm
 from oracle.run import Result
+from oracle.case import Case
 from oracle.trace import Stop
 
 ROW_LIMIT = 60          # longer traces are shown around the divergence
@@ -73,3 +74,18 @@ def result_table(r: Result, source: str, show_all: bool = False) -> str:
     if d and d.detail:
         lines.append(f"  {d.detail}")
     return "\n".join(lines)
+
+
+def readable(case: Case) -> Case:
+    """The case with its code as assembly text, when that text assembles back
+    to exactly the same words (capstone and keystone agree); else unchanged."""
+    from dataclasses import replace
+
+    from oracle.asm import AsmError, assemble
+    text = "\n".join(disasm(w, case.base + 4 * i) for i, w in enumerate(case.words))
+    try:
+        if tuple(assemble(text, case.base)) == case.words:
+            return replace(case, asm=text)
+    except AsmError:
+        pass
+    return replace(case, asm=None)

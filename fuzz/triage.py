@@ -1,0 +1,110 @@
+"""`stepfuzz triage DIR`: a night's crash directory as a report a person can paste.
+
+Each crash directory holds one signature (era/kind/cause).  Triage groups
+signatures into buckets by root cause: the same effect (too few or too many
+instructions per stop, an instruction skipped) with the same trigger,
+whatever the era and however the run went on afterwards (the ending, e.g.
+`unsupported`, is context, not cause).  One row per bucket.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .crashes import read_json
+
+ENDINGS = {"end", "max-steps", "guest-exception", "unsupported", "no-syndrome", "left-code", "stuck"}
+EFFECT = {"zero-step": "0 instructions per stop", "multi-step": "2+ instructions per stop",
+          "missing-stop": "2+ instructions per stop", "skipped-instruction": "an instruction skipped",
+          "extra-stop": "an extra stop", "pc-mismatch": "a stop at the wrong PC",
+          "outcome-mismatch": "a different run ending", "state-mismatch": "a different final state"}
+
+
+@dataclass
+class Bucket:
+    effect: str
+    trigger: str
+    members: list[dict] = field(default_factory=list)
+    real: dict[str, str] = field(default_factory=dict)     # kernel -> what it showed
+
+    @property
+    def eras(self) -> list[str]:
+        from oracle.kvm.eras import ERA_IDS
+        present = {m["era"] for m in self.members}
+        return [e for e in ERA_IDS if e in present]
+
+    @property
+    def count(self) -> int:
+        return sum(m.get("count", 1) for m in self.members)
+
+    @property
+    def smallest(self) -> dict:
+        def key(m):
+            return (m.get("min_insns", m.get("case_insns", 1 << 30)), m["era"])
+        return min(self.members, key=key)
+
+
+def root_cause(info: dict) -> tuple[str, str]:
+    tokens = [t for t in info.get("cause", "").split("+") if t and t not in ENDINGS]
+    return EFFECT.get(info["kind"], info["kind"]), "+".join(tokens) or "plain"
+
+
+def collect(crashes: Path) -> list[Bucket]:
+    buckets: dict[tuple[str, str], Bucket] = {}
+    for d in sorted(crashes.iterdir()):
+        info = read_json(d / "divergence.json") if d.is_dir() else None
+        if not info:
+            continue
+        info["dir"] = str(d)
+        minimized = d / "minimized.json"
+        info["reproducer"] = str(minimized if minimized.exists() else d / "case.json")
+        if minimized.exists():
+            from oracle.case import load_case
+            info["min_insns"] = len(load_case(minimized).words)
+        key = root_cause(info)
+        buckets.setdefault(key, Bucket(*key)).members.append(info)
+    return sorted(buckets.values(), key=lambda b: (b.effect, b.trigger))
+
+
+def markdown(buckets: list[Bucket], title: str) -> str:
+    show_real = any(b.real for b in buckets)
+    head = "| effect | trigger | eras | signatures | hits | first seen | last seen | smallest reproducer |"
+    if show_real:
+        head += " real kernels |"
+    lines = [f"# {title}", "", f"{len(buckets)} root causes, {sum(len(b.members) for b in buckets)} signatures.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for b in buckets:
+        small = b.smallest
+        insns = small.get("min_insns", small.get("case_insns", "?"))
+        row = (f"| {b.effect} | {b.trigger} | {', '.join(b.eras)} | {len(b.members)} | {b.count} | "
+               f"{min(m.get('first_seen', '') for m in b.members)} | {max(m.get('last_seen', '') for m in b.members)} | "
+               f"`{small['reproducer']}` ({insns} insns, `stepfuzz run {small['reproducer']} --era {small['era']}`) |")
+        if show_real:
+            row += " " + (", ".join(f"{k}: {v}" for k, v in sorted(b.real.items())) or "-") + " |"
+        lines.append(row)
+    lines += ["", "## Signatures", ""]
+    for b in buckets:
+        for m in sorted(b.members, key=lambda m: m["signature"]):
+            lines.append(f"- `{m['signature']}` x{m.get('count', 1)}: {m['title']} ({m['dir']})")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(buckets: list[Bucket], title: str) -> str:
+    show_real = any(b.real for b in buckets)
+    cols = ["effect", "trigger", "eras", "signatures", "hits", "first seen", "last seen", "smallest reproducer"]
+    if show_real:
+        cols.append("real kernels")
+    rows = []
+    for b in buckets:
+        small = b.smallest
+        cells = [b.effect, b.trigger, ", ".join(b.eras), str(len(b.members)), str(b.count),
+                 min(m.get("first_seen", "") for m in b.members), max(m.get("last_seen", "") for m in b.members),
+                 f"{small['reproducer']} ({small.get('min_insns', small.get('case_insns', '?'))} insns)"]
+        if show_real:
+            cells.append(", ".join(f"{k}: {v}" for k, v in sorted(b.real.items())) or "-")
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>td,th{border:1px solid #ccc;padding:4px;font:13px sans-serif}table{border-collapse:collapse}</style>"
+            f"<h1>{html.escape(title)}</h1><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+            + "</tr>" + "".join(rows) + "</table>\n")
