@@ -200,6 +200,13 @@ def cmd_triage(args: argparse.Namespace) -> int:
     return EXIT_AGREE
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run, table
+    result = run(seconds=args.campaign)
+    print(json.dumps(result) if args.json else table(result))
+    return EXIT_AGREE
+
+
 def cmd_eras(args: argparse.Namespace) -> int:
     for e in ERAS.values():
         print(f"{e.id:<9} {e.kernels}")
@@ -260,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--html", metavar="FILE", help="also write an HTML report")
     tr.add_argument("--kernels", help="comma-separated real kernels to replay the smallest reproducers on")
     tr.set_defaults(func=cmd_triage)
+
+    bn = sub.add_parser("bench", help="cost of a differential check next to raw Unicorn, and campaign speed")
+    bn.add_argument("--json", action="store_true", help="one JSON object")
+    bn.add_argument("--campaign", type=float, default=30.0, help="seconds of real campaign to time (default 30)")
+    bn.set_defaults(func=cmd_bench)
 
     rd = sub.add_parser("rediscover", help="time to first find of the known bug classes, with and without feedback")
     rd.add_argument("--seeds", type=int, default=5, help="seeds 1..N (default 5); medians are reported")

@@ -15,7 +15,7 @@ from unicorn import UC_ARCH_ARM64, UC_HOOK_INTR, UC_MODE_ARM, Uc
 from unicorn import arm64_const as A
 
 from .case import Case
-from .guest import B_SELF, REG_IDS
+from .guest import B_SELF, PSTATE_RESET, REG_IDS
 
 PSTATE_SS = 1 << 21
 FAR_UNTIL = 0xFFFF_FFFF_FFFF_FFF0
@@ -36,7 +36,7 @@ def arch_step_pcs(case: Case) -> list[int]:
     sysreg(3, 6, 1, 1, 0, (1 << 10) | (1 << 8) | 1)   # SCR_EL3: RW | HCE | NS
     sysreg(3, 4, 1, 1, 0, 1 << 31)                     # HCR_EL2: RW
     sysreg(3, 4, 1, 1, 1, 1 << 8)                      # MDCR_EL2: TDE, debug target EL2
-    uc.reg_write(A.UC_ARM64_REG_PSTATE, uc.reg_read(A.UC_ARM64_REG_PSTATE) | PSTATE_SS)
+    uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET | PSTATE_SS)
     sysreg(2, 0, 0, 2, 2, 1)                           # MDSCR_EL1: SS (also rebuilds hflags)
     for name, value in case.regs:
         uc.reg_write(REG_IDS[name], value)
@@ -49,7 +49,7 @@ def arch_step_pcs(case: Case) -> list[int]:
         if pc == case.end or len(pcs) >= case.max_steps:
             uc.emu_stop()
             return
-        uc.reg_write(A.UC_ARM64_REG_PSTATE, uc.reg_read(A.UC_ARM64_REG_PSTATE) | PSTATE_SS)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET | PSTATE_SS)
 
     uc.hook_add(UC_HOOK_INTR, on_step)
     uc.emu_start(case.base, FAR_UNTIL)

@@ -25,12 +25,13 @@ from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_RAM, PAGE, Case
-from .isa import DBGREG, MEM, STORE_EXCLUSIVE, decode
+from .isa import DBGREG, MEM, STORE_EXCLUSIVE, address, decode
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM
 ARENA_SIZE = MAX_RAM + 2 * PAGE
 SUBPAGE = 0x400                   # Unicorn's TLB granule on AArch64
 B_SELF = 0x14000000               # `b .`: what follows every program
+PSTATE_RESET = 0x3C5
 EXCP_HVC = 11                     # QEMU's exception number for HVC
 BUDGET_SLACK = 2                  # instructions run past max_steps, for models that overshoot
 
@@ -174,6 +175,10 @@ class Machine:
         _sysreg(uc, 3, 6, 1, 1, 0, (1 << 10) | (1 << 8) | 1)   # SCR_EL3: RW | HCE | NS
         _sysreg(uc, 3, 4, 1, 1, 0, 1 << 31)                     # HCR_EL2: RW
         _sysreg(uc, 3, 0, 1, 0, 2, 0)                           # CPACR_EL1: FP traps
+        # A vCPU starts with PSTATE 0x3c5 (EL1h, DAIF masked, NZCV clear);
+        # Unicorn's reset also sets Z.
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET)
+        _sysreg(uc, 3, 0, 1, 0, 2, 0)                           # (a system register write rebuilds hflags)
         self.reset_context = uc.context_save()
         uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._on_tlb_fill)
         uc.hook_add(ucc.UC_HOOK_BLOCK, self._on_block)
@@ -395,7 +400,11 @@ class Machine:
         if access == WRITE and (addr & ~(PAGE - 1)) in self.code_pages:
             self._ending(pc, UNSUPPORTED_INSN, f"store to {addr:#x}, a page that holds code")
             return pc
-        insn = decode(self._word(pc))
+        word = self._word(pc)
+        insn = decode(word)
+        if insn.kind == MEM and insn.iss:
+            # the TLB reports the page; KVM reports the address accessed
+            addr = address(word, self._base_reg, pc)
         if addr >= IPA_LIMIT:
             self._ending(pc, GUEST_EXCEPTION, f"access to {addr:#x}, beyond the guest physical space")
             return pc
@@ -435,6 +444,9 @@ class Machine:
             return self._complete(pc, None)
         self._ending(pc, UNSUPPORTED_INSN, f"{insn.reason} is not modelled")
         return pc
+
+    def _base_reg(self, n: int) -> int:
+        return self.regs[A.UC_ARM64_REG_SP if n == 31 else X_REGS[n]]
 
     def _word(self, pc: int) -> int:
         case = self.case

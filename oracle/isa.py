@@ -178,3 +178,36 @@ def _system(w: int) -> Insn:
     if native and (read or native[1]):
         return _PLAIN
     return unsupported(f"system register s3_{op1}_c{crn}_c{crm}_{op2}")
+
+
+def _sext(value: int, bits: int) -> int:
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def address(w: int, reg, pc: int) -> int:
+    """The address a load/store with a valid syndrome accesses (what the
+    kernel reports in kvm_run.mmio).  `reg(n)` reads Xn, with n = 31 as SP
+    for a base register."""
+    size = w >> 30
+    if (w & 0x3B000000) == 0x18000000:                        # literal
+        return (pc + 4 * _sext((w >> 5) & 0x7FFFF, 19)) & MASK64
+    base = reg((w >> 5) & 31)
+    if (w & 0x3B000000) == 0x39000000:                        # unsigned offset, scaled
+        return (base + (((w >> 10) & 0xFFF) << size)) & MASK64
+    if (w & 0x3B200C00) == 0x38200800:                        # register offset
+        option, shift = (w >> 13) & 7, size if (w >> 12) & 1 else 0
+        m = (w >> 16) & 31
+        off = 0 if m == 31 else reg(m)
+        if option in (2, 6):                                  # UXTW, SXTW
+            off &= 0xFFFFFFFF
+            if option == 6:
+                off = _sext(off, 32)
+        elif option == 7:                                     # SXTX
+            off = _sext(off & MASK64, 64)
+        return (base + (off << shift)) & MASK64
+    if (w & 0x3B200000) == 0x38000000:                        # unscaled / unprivileged
+        return (base + _sext((w >> 12) & 0x1FF, 9)) & MASK64
+    return base                                               # load-acquire / store-release
+
+
+MASK64 = (1 << 64) - 1

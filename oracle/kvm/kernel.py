@@ -40,6 +40,7 @@ class Kvm:
         era, hw = self.era, self.hw
         if self.exit_reason == "mmio" and self.mmio_return():
             if self.fake_step():
+                self.signal = False       # delivered on the way back to userspace
                 return EXIT_DEBUG
         self.vcpu_load()
         if immediate_exit:
@@ -67,6 +68,7 @@ class Kvm:
         if era.commit_pc_at_out:
             self.adjust_pc()
         self.vcpu_put()
+        self.signal = False               # delivered to the VMM on the way back to userspace
         return self.exit_reason if ret == 0 else ret  # type: ignore[return-value]
 
     # ------------------------------------------------------------ debug.c

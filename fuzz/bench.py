@@ -1,0 +1,179 @@
+"""`stepfuzz bench`: what a differential check costs next to raw Unicorn.
+
+All variants run side by side in one process, interleaved case by case, on
+the same generated cases (16, 64 and 256 instructions, about 10 % meeting
+the hypervisor, a few events):
+
+    raw        Unicorn runs the same fresh code once in one emu_start: every
+               region plain RAM, no hooks, translation included; instructions
+               that trap to KVM (HVC, debug registers) run as NOPs: without
+               hooks HVC stops Unicorn, and QEMU flushes every translation
+               when a debug register is written
+    reference  the guest CPU (Unicorn + hooks) and the ideal trace
+    ref+1 era  plus one era model (6.1) and the comparison
+    ref+all    plus every era model
+
+Then a real single-worker campaign runs for a while on default settings
+for executions per second and peak RSS.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
+from unicorn import arm64_const as A
+
+from oracle.case import Case
+from oracle.compare import compare
+from oracle.guest import REG_IDS, _Regs, execute
+from oracle.isa import DBGREG, HVC, decode
+from oracle.kvm.eras import ERAS, select
+from oracle.kvm.vmm import model_trace
+from oracle.reference import reference
+
+from . import generate as G
+
+SIZES = (16, 64, 256)
+NOP = 0xD503201F
+
+
+def bench_cases(n_insns: int, count: int, seed: int) -> list[Case]:
+    """Programs with ~10 % exits and forward control flow only, so that the
+    raw run (which has no step bound) always terminates."""
+    rnd = random.Random(seed)
+    cfg = G.GenConfig(min_insns=n_insns, max_insns=n_insns, max_steps=4 * n_insns + 64, max_events=3)
+    out = []
+    while len(out) < count:
+        words: list[int] = []
+        while len(words) < n_insns:
+            r = rnd.random()
+            if r < 0.07:
+                snippet = G.exit_snippet(rnd)
+            elif r < 0.12:
+                skip = G.alu(rnd) + G.alu(rnd)
+                snippet = [G.I.b(len(skip) + 1)] + skip          # forward branch
+            elif r < 0.14:
+                snippet = [G.I.bl(2), G.I.b(2), G.I.ret()]       # call and return
+            else:
+                snippet = G.alu(rnd)
+            if len(words) + len(snippet) > n_insns:
+                snippet = G.alu(rnd)          # no branch may leave the program
+            words += snippet
+        base = replace(G.generate(rnd, cfg), words=tuple(words))
+        out.append(replace(base, events=G.events(rnd, len(words), cfg)))
+    return out
+
+
+class Raw:
+    """The floor: one Unicorn, all memory plain RAM, no hooks."""
+
+    def __init__(self, cases: list[Case]):
+        self.uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+        self.regs = _Regs(self.uc)          # the same fast register access the guest CPU uses
+        for r in cases[0].memory:
+            self.uc.mem_map(r.base, r.size)
+        self.ctx = self.uc.context_save()
+
+    def run(self, case: Case) -> None:
+        uc = self.uc
+        uc.context_restore(self.ctx)
+        for name, value in case.regs:
+            self.regs[REG_IDS[name]] = value
+        code = b"".join((NOP if decode(w).kind in (HVC, DBGREG) else w).to_bytes(4, "little") for w in case.words)
+        uc.mem_write(case.base, code)
+        uc.ctl_remove_cache(case.base, case.end)
+        try:
+            uc.emu_start(case.base, case.end)
+        except UcError:
+            pass                      # (an exception ends the one run; rare in these programs)
+
+
+def _variants(raw: Raw):
+    era = ERAS["6.1"]
+    all_eras = select("all")
+
+    def reference_only(c):
+        reference(execute(c))
+
+    def one_era(c):
+        log = execute(c)
+        compare(reference(log), model_trace(era, log), era.id, log)
+
+    def every_era(c):
+        log = execute(c)
+        ref = reference(log)
+        for e in all_eras:
+            compare(ref, model_trace(e, log), e.id, log)
+
+    return {"raw": raw.run, "reference": reference_only, "ref+1 era": one_era, "ref+all eras": every_era}
+
+
+def measure(per_size: int = 60, rounds: int = 5, seed: int = 1) -> dict[int, dict[str, float]]:
+    """Mean microseconds per case, per size and variant."""
+    results: dict[int, dict[str, float]] = {}
+    for n in SIZES:
+        cases = bench_cases(n, per_size, seed + n)
+        raw = Raw(cases)
+        variants = _variants(raw)
+        times = {k: [] for k in variants}
+        for c in cases:                       # warm-up: Python caches, steady states
+            for f in variants.values():
+                f(c)
+        for _ in range(rounds):
+            for c in cases:
+                for name, f in variants.items():
+                    t = time.perf_counter()
+                    f(c)
+                    times[name].append(time.perf_counter() - t)
+        results[n] = {k: statistics.mean(v) * 1e6 for k, v in times.items()}
+    return results
+
+
+def campaign_rate(seconds: float) -> tuple[float, float]:
+    """Executions per second and peak worker RSS of a real default campaign."""
+    with tempfile.TemporaryDirectory(prefix="stepfuzz-bench-") as tmp:
+        crashes = Path(tmp) / "crashes"
+        subprocess.run([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", f"{int(seconds)}s", "--seed", "1",
+                        "--corpus", str(Path(tmp) / "corpus"), "--crashes", str(crashes)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        records = [json.loads(l) for l in (crashes / "stats.jsonl").read_text().splitlines()]
+        workers = [json.loads(p.read_text()) for p in (crashes / ".workers").glob("*.json")]
+        execs = sum(w["execs"] for w in workers)
+        spent = max(w["updated"] - w["begun"] for w in workers)
+        rss = max([r["rss_mb"] for r in records] + [w["rss_kb"] / 1024 for w in workers])
+        return execs / spent, rss
+
+
+def run(seconds: float = 30.0) -> dict:
+    t = measure()
+    out = {"us_per_case": {str(n): {k: round(v, 1) for k, v in row.items()} for n, row in t.items()}}
+    raw64 = t[64]["raw"]
+    out["diff_vs_raw"] = round(t[64]["ref+1 era"] / raw64, 2)
+    out["all_eras_vs_raw"] = round(t[64]["ref+all eras"] / raw64, 2)
+    out["scaling_256_64"] = round(t[256]["ref+1 era"] / t[64]["ref+1 era"], 2)
+    rate, rss = campaign_rate(seconds)
+    out["fuzz_execs_per_s"] = round(rate, 1)
+    out["rss_mb"] = round(rss, 1)
+    return out
+
+
+def table(r: dict) -> str:
+    lines = ["| instructions | raw Unicorn | reference | ref + 1 era | ref + all eras |", "|---|---|---|---|---|"]
+    for n, row in r["us_per_case"].items():
+        raw = row["raw"]
+        cells = [f"{row[k]:.0f} µs ({row[k] / raw:.1f}x)" for k in ("raw", "reference", "ref+1 era", "ref+all eras")]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", f"diff_vs_raw (ref + 1 era, 64 insns): {r['diff_vs_raw']}",
+              f"all_eras_vs_raw (64 insns): {r['all_eras_vs_raw']}",
+              f"scaling_256_64 (ref + 1 era): {r['scaling_256_64']}",
+              f"fuzz_execs_per_s (default campaign, 1 worker): {r['fuzz_execs_per_s']}",
+              f"rss_mb (peak, campaign worker): {r['rss_mb']}"]
+    return "\n".join(lines)
