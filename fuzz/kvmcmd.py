@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from oracle.realkvm import RealKvmError, cache_root
-from oracle.realkvm.batch import NOT_COMPARABLE, NOT_REPRODUCIBLE, RealTrace, difference
+from oracle.realkvm.batch import RealTrace, difference
 from oracle.trace import Stop, Trace
 
 from .cli import EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, eras_arg, fail, load_cases
@@ -310,7 +310,7 @@ def _trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> str:
         return head
     if t.failed and not t.stops:
         return head + ("\n  console (last lines):\n    " + t.console.replace("\n", "\n    ") if t.console else "")
-    lines = [head, f"  {'stop':>4}  {'stepped from':<38} {'pc':<10} {'steps':>5}  isv  exits in between"]
+    lines = [head, f"  {'stop':>4}  {'stepped from':<38} {'pc':<12} {'steps':>5}  isv  exits in between"]
     prev_pc, last = case.base, -1
     for i in _rows(len(t.stops), 0, show_all):
         if i != last + 1:
@@ -332,7 +332,7 @@ def _trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> str:
 
 def _side_by_side(case, path: str, model: Trace, real: RealTrace, d, kernel: str, era: str) -> str:
     lines = [f"{path}  DIFFERS on {kernel} vs era {era} at stop {d.stop + 1}: {d.what}",
-             f"  {'stop':>4}  {'model pc':<10} {'isv':>3}   {'real pc':<10} {'isv':>3}  exits before the stop"]
+             f"  {'stop':>4}  {'model pc':<12} {'isv':>3}   {'real pc':<12} {'isv':>3}  exits before the stop"]
     n = max(len(model.stops), len(real.stops))
     last = -1
     for i in _rows(n, d.stop, False):
@@ -341,8 +341,8 @@ def _side_by_side(case, path: str, model: Trace, real: RealTrace, d, kernel: str
         last = i
         m = model.stops[i] if i < len(model.stops) else None
         r = real.stops[i] if i < len(real.stops) else None
-        mcol = f"{m.pc:<#10x} {m.isv:>3}" if m else f"{'-':<10} {'':>3}"
-        rcol = f"{r.pc:<#10x} {r.isv:>3}" if r else f"{'-':<10} {'':>3}"
+        mcol = f"{m.pc:<#12x} {m.isv:>3}" if m else f"{'-':<12} {'':>3}"
+        rcol = f"{r.pc:<#12x} {r.isv:>3}" if r else f"{'-':<12} {'':>3}"
         mark = "  <<" if i == d.stop else ""
         lines.append(f"  {i + 1:>4}  {mcol}   {rcol}{mark}")
         mex, rex = _exits_text(m.exits) if m else "", _exits_text(r.exits) if r else ""

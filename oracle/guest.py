@@ -80,7 +80,7 @@ class Access:
     write: bool
     addr: int
     size: int
-    value: int                # written value, or the value the load returned
+    value: int                # the bytes on the bus (kvm_run.mmio.data), little-endian
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,12 +424,13 @@ class Machine:
             # truncated per SF, written to Rt (XZR discards).  An in-kernel
             # device reads as zero (vGIC RAZ space).
             value = 0 if kernel else self.case.mmio_read & mask
-            if insn.signed and value >> (8 * insn.size - 1):
-                value |= MASK64 & ~mask
+            loaded = value
+            if insn.signed and loaded >> (8 * insn.size - 1):
+                loaded |= MASK64 & ~mask
             if not insn.sf:
-                value &= 0xFFFFFFFF
+                loaded &= 0xFFFFFFFF
             if insn.rt != 31:
-                regs[X_REGS[insn.rt]] = value
+                regs[X_REGS[insn.rt]] = loaded
         return self._complete(pc, Special(kind="mmio", access=Access(kernel, insn.write, addr, insn.size, value)))
 
     def _on_exit(self, pc: int) -> int:

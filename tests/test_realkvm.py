@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,9 +25,6 @@ REQUIRE = bool(os.environ.get("STEPFUZZ_REQUIRE_KVM"))
 KERNELS = ("6.1", "latest")
 CORPUS_FILES = sorted(str(p.relative_to(REPO)) for p in CORPUS.rglob("*.json"))
 TIMED_EVENTS = ("before", "after", "trap")     # host-irq / trap-signal: not reproducible under TCG
-# The era models report the page address of an MMIO access, every real kernel
-# the access's own address (oracle/guest.py; reported, not fixed here).
-MODEL_MMIO_ADDRESS = {"corpus/exits/mmio-read.json", "corpus/exits/mmio-write.json"}
 PROBE, PROBE_IE = "corpus/real-kernel/probe.json", "corpus/real-kernel/probe-immediate-exit.json"
 
 
@@ -95,15 +91,8 @@ def checked(kernel, extra_cases):
 
 # ---------------------------------------------------------------- every corpus case, both kernels
 
-def _case_params():
-    for case in CORPUS_FILES:
-        marks = [pytest.mark.xfail(strict=True, reason="model MMIO address is the page, not the access")] \
-            if case in MODEL_MMIO_ADDRESS else []
-        yield pytest.param(case, marks=marks, id=case)
-
-
 @pytest.mark.parametrize("name", KERNELS)
-@pytest.mark.parametrize("case", list(_case_params()))
+@pytest.mark.parametrize("case", CORPUS_FILES)
 def test_corpus_case_is_identical_on_the_real_kernel(checked, name, case):
     line = checked[name][case]
     c = load_case(REPO / case)

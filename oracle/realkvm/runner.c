@@ -277,6 +277,8 @@ static uint64_t free_gap(const struct casedef *c, struct span *taken, int ntaken
 struct vm {
 	int vm, vcpu, gic;
 	struct kvm_run *run;
+	uint8_t *scratch;          /* the prologue's memory, while it exists */
+	uint64_t scratch_size;
 	uint64_t runs;
 	long nrec;
 };
@@ -320,6 +322,8 @@ static int prefault(const struct casedef *c, struct vm *v, struct span *taken, i
 	mem = mmap(NULL, scratch_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED)
 		return setup_fail(c, v, "mmap scratch");
+	v->scratch = mem;
+	v->scratch_size = scratch_size;
 	memcpy(mem, sf_prologue_start, code);
 	table = (uint64_t *)(mem + SCRATCH_TABLE);
 	for (int i = 0; i < c->nreg; i++) {
@@ -369,6 +373,7 @@ static int prefault(const struct casedef *c, struct vm *v, struct span *taken, i
 	if (set_memslot(v->vm, MAX_REGIONS, scratch, 0, mem) < 0)
 		return setup_fail(c, v, "KVM_SET_USER_MEMORY_REGION (delete scratch)");
 	munmap(mem, scratch_size);
+	v->scratch = NULL;
 	/* Back to all zeros; the code goes in afterwards. */
 	for (int i = 0; i < c->nreg; i++)
 		if (c->reg[i].kind == R_RAM && c->reg[i].prefault)
@@ -437,7 +442,7 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			return end_case(c, v, "timeout", ""), 0;
 		if (v->runs >= max_runs)
 			return end_case(c, v, "max-runs", ""), 0;
-		if (pending & DO_PREEMPT && migrate() < 0)
+		if ((pending & DO_PREEMPT) && migrate() < 0)
 			out("%ld note preempt: cannot move to another CPU (%s)", c->id, strerror(errno));
 		if (pending & DO_SIGNAL)
 			raise(SIGUSR1);           /* blocked here, unblocked inside KVM_RUN */
@@ -632,6 +637,8 @@ out:
 		close(v.vcpu);
 	if (v.vm >= 0)
 		close(v.vm);
+	if (v.scratch)
+		munmap(v.scratch, v.scratch_size);    /* after the VM: a memslot may still point here */
 	for (int i = 0; i < c->nreg; i++)
 		if (c->reg[i].host) {
 			munmap(c->reg[i].host, c->reg[i].size);

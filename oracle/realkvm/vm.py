@@ -32,6 +32,7 @@ RUNNER_SRC = Path(__file__).with_name("runner.c")
 CROSS_CC, CROSS_CC_PACKAGE = "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"
 QEMU, QEMU_PACKAGE = "qemu-system-aarch64", "qemu-system-arm"
 KVM_HEADER_PACKAGE = "linux-libc-dev-arm64-cross"
+CROSS_LIBC_PACKAGE = "libc6-dev-arm64-cross"
 CFLAGS = ["-static", "-O2", "-Wall", "-Werror"]
 BOOT_TIMEOUT = 120.0          # seconds until the runner says it is ready
 GRACE = 15.0                  # seconds of slack per case, and for QEMU to exit
@@ -71,6 +72,8 @@ def build_runner(root: Path | None = None, for_native: bool = False) -> Path:
     if p.returncode != 0:
         if "linux/kvm.h" in p.stderr:
             raise RealKvmError(f"<linux/kvm.h> for arm64 not found: install the Debian package {KVM_HEADER_PACKAGE}")
+        if not for_native and ("No such file" in p.stderr or "cannot find -lc" in p.stderr):
+            raise RealKvmError(f"the arm64 C library is missing: install the Debian package {CROSS_LIBC_PACKAGE}")
         raise RealKvmError(f"cannot compile the runner: {p.stderr.strip().splitlines()[-1:]}")
     tmp.rename(out)
     return out
