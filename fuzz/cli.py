@@ -207,6 +207,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_AGREE
 
 
+def _write_c(out: Path, text: str, what: str) -> None:
+    from .crashes import write_atomic
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, text)
+    print(f"{out}: {what}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import NotExportable, expectation, selftest, standalone
+    cases, bad = load_cases([args.case])
+    if bad or not cases:
+        return EXIT_BAD
+    (path, case), = cases
+    try:
+        x = expectation(case)
+        text = selftest([case]) if args.selftest else standalone([case])
+    except NotExportable as e:
+        fail(f"{path}: {e}")
+    for d in x.dropped:
+        print(f"stepfuzz: warning: {path}: not reproducible from userspace, left out: {d}", file=sys.stderr)
+    kind = "KVM selftest" if args.selftest else "standalone reproducer"
+    _write_c(Path(args.output), text, f"{kind} checking {len(x.pcs)} stops ({x.ending})")
+    return EXIT_AGREE
+
+
+def cmd_export_corpus(args: argparse.Namespace) -> int:
+    from .export import NotExportable, expectation, selftest, standalone
+    cases, bad = load_cases([args.dir])
+    keep = []
+    for path, case in cases:
+        try:
+            expectation(case)
+            keep.append(case)
+        except NotExportable as e:
+            print(f"stepfuzz: {path}: skipped: {e}", file=sys.stderr)
+    if not keep:
+        fail(f"{args.dir}: no exportable cases")
+    out = Path(args.output)
+    _write_c(out / "stepfuzz_single_step.c", selftest(keep), f"table-driven KVM selftest, {len(keep)} cases")
+    _write_c(out / "stepfuzz_repro.c", standalone(keep), f"standalone reproducer, {len(keep)} cases")
+    return EXIT_BAD if bad else EXIT_AGREE
+
+
 def cmd_eras(args: argparse.Namespace) -> int:
     for e in ERAS.values():
         print(f"{e.id:<9} {e.kernels}")
@@ -272,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", action="store_true", help="one JSON object")
     bn.add_argument("--campaign", type=float, default=30.0, help="seconds of real campaign to time (default 30)")
     bn.set_defaults(func=cmd_bench)
+
+    ex = sub.add_parser("export", help="a case as C: a standalone reproducer or a KVM selftest")
+    ex.add_argument("case", metavar="CASE")
+    kind = ex.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--standalone", action="store_true", help="self-contained, <linux/kvm.h> only; exit 0/1/2")
+    kind.add_argument("--selftest", action="store_true", help="for tools/testing/selftests/kvm/arm64/")
+    ex.add_argument("-o", "--output", required=True, metavar="FILE.c")
+    ex.set_defaults(func=cmd_export)
+
+    ec = sub.add_parser("export-corpus", help="a directory of (minimized) cases as one selftest and one reproducer")
+    ec.add_argument("dir", metavar="DIR")
+    ec.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    ec.set_defaults(func=cmd_export_corpus)
 
     rd = sub.add_parser("rediscover", help="time to first find of the known bug classes, with and without feedback")
     rd.add_argument("--seeds", type=int, default=5, help="seeds 1..N (default 5); medians are reported")

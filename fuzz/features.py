@@ -2,9 +2,9 @@
 
 atheris only sees Python coverage.  `observe()` hashes what a stop looked
 like (era, the traps and events behind it, steps, ISV) into one of 1024
-buckets and walks a decision tree of 1024 distinct leaves to it, so a
+buckets and walks decision trees with 1024 distinct leaves to it, so a
 behaviour never seen before is a branch never taken before: libFuzzer keeps
-the input.  The tree is generated at import; the harness instruments it.
+the input.  The trees are generated at import; the harness instruments them.
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import zlib
 from oracle.run import Result
 
 DEPTH = 10
+SPLIT = 5          # 2**SPLIT small trees of depth DEPTH - SPLIT: cheap to instrument
 
 
-def _tree_source(depth: int) -> str:
-    lines = ["def bucket(h):"]
+def _tree_source(name: str, depth: int) -> str:
+    lines = [f"def {name}(h):"]
 
     def node(bit: int, indent: int, value: int) -> None:
         pad = "    " * indent
@@ -33,8 +34,13 @@ def _tree_source(depth: int) -> str:
 
 
 _namespace: dict = {}
-exec(compile(_tree_source(DEPTH), "<stepfuzz-features>", "exec"), _namespace)
-bucket = _namespace["bucket"]
+exec(compile("".join(_tree_source(f"tree{i}", DEPTH - SPLIT) for i in range(1 << SPLIT)),
+             "<stepfuzz-features>", "exec"), _namespace)
+TREES = tuple(_namespace[f"tree{i}"] for i in range(1 << SPLIT))
+
+
+def bucket(h: int) -> int:
+    return TREES[(h >> (DEPTH - SPLIT)) & ((1 << SPLIT) - 1)](h)
 
 
 def observe(r: Result) -> None:

@@ -17,6 +17,7 @@ from .encoding import EVENT_KINDS, NotACase, decode, decode_input, encode
 
 MAX_WORDS = 256
 BYTE_LEVEL_SHARE = 0.1
+FRESH_SHARE = 0.05        # a freshly generated case now and then: keeps the search near the generator's distribution
 
 
 def _words(rnd: random.Random, case: Case) -> list[int]:
@@ -148,9 +149,12 @@ def _fit(case: Case, max_size: int) -> bytes:
 
 def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
     rnd = random.Random(seed)
-    if rnd.random() < BYTE_LEVEL_SHARE:
+    r = rnd.random()
+    if r < BYTE_LEVEL_SHARE:
         import atheris
         return atheris.Mutate(data, max_size)
+    if r < BYTE_LEVEL_SHARE + FRESH_SHARE:
+        return _fit(G.generate(rnd), max_size)
     return _fit(mutate_case(rnd, _start(data, rnd)), max_size)
 
 

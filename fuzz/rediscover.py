@@ -18,17 +18,22 @@ from oracle.run import check
 
 from .generate import generate
 
-CLASSES = {"4.15 zero-step": "4.15/zero-step/", "5.10 multi-step": "5.10/multi-step/",
-           "6.1 multi-step": "6.1/multi-step/", "arch (any: an oracle bug)": "arch/"}
-ERAS = "4.15,5.10,6.1,arch"
+# class -> (signature prefix, a token its cause must contain)
+CLASSES = {"4.15 zero-step": ("4.15/zero-step/", ""), "5.10 multi-step": ("5.10/multi-step/", ""),
+           "6.1 multi-step": ("6.1/multi-step/", ""),
+           "5.0 skipped instruction": ("5.0/skipped-instruction/", ""),
+           "6.1 multi-step after a signal": ("6.1/multi-step/", "signal"),
+           "arch (any: an oracle bug)": ("arch/", "")}
+ERAS = "4.15,5.0,5.10,6.1,arch"
 TARGETS = [c for c in CLASSES if not c.startswith("arch")]
 
 
-def _class_of(signature: str) -> str | None:
-    return next((c for c, prefix in CLASSES.items() if signature.startswith(prefix)), None)
+def _classes_of(signature: str) -> list[str]:
+    return [c for c, (prefix, token) in CLASSES.items()
+            if signature.startswith(prefix) and token in signature.split("/")[-1].split("+") + [""]]
 
 
-def with_feedback(seed: int, limit_s: float) -> dict[str, float]:
+def with_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
     """A single-process campaign on an empty corpus, stopped once every target is found."""
     with tempfile.TemporaryDirectory(prefix="stepfuzz-rediscover-") as tmp:
         crashes = Path(tmp) / "crashes"
@@ -47,31 +52,37 @@ def with_feedback(seed: int, limit_s: float) -> dict[str, float]:
         return _found(crashes)
 
 
-def _found(crashes: Path) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _found(crashes: Path) -> dict[str, tuple[float, int]]:
+    """class -> (seconds since the harness started, executions) at the first find."""
+    ready = min((json.loads(p.read_text())["begun"] for p in crashes.glob(".workers/*.json")), default=None)
+    camp = json.loads((crashes / "campaign.json").read_text()) if (crashes / "campaign.json").exists() else {}
+    startup = (ready - camp["started"]) if ready and camp else 0.0
+    out: dict[str, tuple[float, int]] = {}
     for p in crashes.glob("*/divergence.json"):
         try:
             info = json.loads(p.read_text())
         except ValueError:
             continue
-        c = _class_of(info["signature"])
-        if c:
-            out[c] = min(out.get(c, 1e9), info["first_found"]["elapsed_s"])
+        first = info["first_found"]
+        at = (max(0.0, first["elapsed_s"] - startup), first["execs"])
+        for c in _classes_of(info["signature"]):
+            out[c] = min(out.get(c, at), at)
     return out
 
 
-def without_feedback(seed: int, limit_s: float) -> dict[str, float]:
+def without_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
     """The generator alone: fresh cases, no mutation, no coverage."""
     rnd = random.Random(seed)
     eras = select(ERAS)
     start = time.perf_counter()
-    found: dict[str, float] = {}
+    found: dict[str, tuple[float, int]] = {}
+    execs = 0
     while time.perf_counter() - start < limit_s and not all(t in found for t in TARGETS):
+        execs += 1
         for r in check(generate(rnd), eras):
             if r.divergence:
-                c = _class_of(r.divergence.signature)
-                if c and c not in found:
-                    found[c] = time.perf_counter() - start
+                for c in _classes_of(r.divergence.signature):
+                    found.setdefault(c, (time.perf_counter() - start, execs))
     return found
 
 
@@ -82,15 +93,17 @@ def table(seeds: list[int], limit_s: float, log=lambda *a: None) -> str:
         runs["none"].append(without_feedback(s, limit_s))
         log(f"seed {s}: with feedback {runs['feedback'][-1]}; without {runs['none'][-1]}")
 
-    def cell(results: list[dict[str, float]], c: str) -> str:
-        times = [r[c] for r in results if c in r]
+    def cell(results: list[dict[str, tuple[float, int]]], c: str) -> str:
+        hits = [r[c] for r in results if c in r]
         if c.startswith("arch"):
-            return "none found" if not times else f"FOUND in {len(times)}/{len(results)} (bug)"
-        if len(times) * 2 <= len(results):
-            return f"> {limit_s:.0f} s ({len(times)}/{len(results)} found)"
-        # median with unfound runs counted as the time limit
-        med = statistics.median(times + [limit_s] * (len(results) - len(times)))
-        return f"{med:.1f} s ({len(times)}/{len(results)})"
+            return "none found" if not hits else f"FOUND in {len(hits)}/{len(results)} (bug)"
+        if len(hits) * 2 <= len(results):
+            return f"> {limit_s:.0f} s ({len(hits)}/{len(results)} found)"
+        # medians, unfound runs counted as the limit
+        missing = len(results) - len(hits)
+        secs = statistics.median([h[0] for h in hits] + [limit_s] * missing)
+        execs = statistics.median([h[1] for h in hits] + [float("inf")] * missing)
+        return f"{secs:.2f} s, {execs:.0f} execs ({len(hits)}/{len(results)})"
 
     lines = [f"| class | with coverage feedback | generator alone |", "|---|---|---|"]
     for c in CLASSES:

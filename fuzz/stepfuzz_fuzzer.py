@@ -80,7 +80,8 @@ def main() -> None:
     global _EXIT_HOOK
     _EXIT_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_at_exit)
     ctypes.CDLL(None).__cxa_atexit(_EXIT_HOOK, None, None)
-    atheris.instrument_func(features.bucket)
+    for tree in features.TREES:
+        atheris.instrument_func(tree)
     atheris.Setup(sys.argv, test_one_input, custom_mutator=custom_mutator, custom_crossover=custom_crossover)
     atheris.Fuzz()
 

@@ -1,9 +1,15 @@
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from oracle.realkvm import RealKvmError, kernels
+
 REPO = Path(__file__).resolve().parent.parent
+# Real-kernel tests skip without QEMU or a kernel, unless this is set (CI), where they fail.
+REQUIRE = bool(os.environ.get("STEPFUZZ_REQUIRE_KVM"))
 CORPUS = REPO / "corpus"
 
 CODE = {"base": "0x10000", "size": "0x10000", "kind": "ram", "prefault": True}
@@ -29,3 +35,35 @@ def write_case(tmp_path):
         p.write_text(data if isinstance(data, str) else json.dumps(data))
         return p
     return write
+
+
+def unavailable(why: str):
+    if REQUIRE:
+        pytest.fail(f"{why} (STEPFUZZ_REQUIRE_KVM is set)")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def tools():
+    for tool, package in (("qemu-system-aarch64", "qemu-system-arm"), ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is missing (Debian package {package})")
+
+
+@pytest.fixture(scope="session")
+def kernel(tools):
+    """name -> Kernel, fetched into the cache when missing."""
+    got = {}
+
+    def get(name: str):
+        if name not in got:
+            try:
+                got[name] = kernels.resolve(name)
+            except RealKvmError:
+                try:
+                    kernels.fetch(name, log=lambda line: None)
+                    got[name] = kernels.resolve(name)
+                except RealKvmError as e:
+                    unavailable(f"kernel {name} cannot be fetched: {e}")
+        return got[name]
+    return get

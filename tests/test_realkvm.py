@@ -14,14 +14,13 @@ import time
 
 import pytest
 
-from conftest import CODE, CORPUS, MMIO, REPO, make
+from conftest import CODE, CORPUS, MMIO, REPO, make, unavailable
 from oracle.case import load_case, parse_case
 from oracle.guest import execute
 from oracle.realkvm import RealKvmError, kernels
 from oracle.realkvm.batch import Parser, RealTrace, difference, encode, infer_steps
 from oracle.trace import HSR_NOT_STEPPED, HSR_STEPPED, Exit, Stop, Trace
 
-REQUIRE = bool(os.environ.get("STEPFUZZ_REQUIRE_KVM"))
 KERNELS = ("6.1", "latest")
 CORPUS_FILES = sorted(str(p.relative_to(REPO)) for p in CORPUS.rglob("*.json"))
 TIMED_EVENTS = ("before", "after", "trap")     # host-irq / trap-signal: not reproducible under TCG
@@ -31,38 +30,6 @@ PROBE, PROBE_IE = "corpus/real-kernel/probe.json", "corpus/real-kernel/probe-imm
 def stepfuzz(*args, timeout=900, env=None):
     return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout, env=env)
-
-
-def unavailable(why: str):
-    if REQUIRE:
-        pytest.fail(f"{why} (STEPFUZZ_REQUIRE_KVM is set)")
-    pytest.skip(why)
-
-
-@pytest.fixture(scope="session")
-def tools():
-    for tool, package in (("qemu-system-aarch64", "qemu-system-arm"), ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")):
-        if shutil.which(tool) is None:
-            unavailable(f"{tool} is missing (Debian package {package})")
-
-
-@pytest.fixture(scope="session")
-def kernel(tools):
-    """name -> Kernel, fetched into the cache when missing."""
-    got = {}
-
-    def get(name: str):
-        if name not in got:
-            try:
-                got[name] = kernels.resolve(name)
-            except RealKvmError:
-                try:
-                    kernels.fetch(name, log=lambda line: None)
-                    got[name] = kernels.resolve(name)
-                except RealKvmError as e:
-                    unavailable(f"kernel {name} cannot be fetched: {e}")
-        return got[name]
-    return get
 
 
 @pytest.fixture(scope="session")

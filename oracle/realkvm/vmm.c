@@ -1,0 +1,666 @@
+/*
+ * stepfuzz's VMM core: single-step one case in a fresh VM on /dev/kvm and
+ * report what KVM_RUN returned, as "@@sf" lines (docs/real-kvm.md).
+ *
+ * Shared by the batch runner (runner.c, which includes this file) and by the
+ * standalone reproducers `stepfuzz export --standalone` writes (which embed
+ * it), so both drive KVM the same way.  Only libc and <linux/kvm.h>.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/klog.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <linux/kvm.h>
+
+#define PAGE 0x1000ULL
+#define IPA_LIMIT (1ULL << 40)
+#define MAX_REGIONS 64
+#define MAX_EVENTS 256
+#define MAX_WORDS 4096
+#define INSN_B_SELF 0x14000000u
+#define INSN_RET 0xd65f03c0u
+#define PSTATE_EL1H_DAIF 0x3c5ULL
+#define PSCI_1_0 0x10000ULL
+#define VGIC_DIST_SIZE 0x10000ULL
+#define VGIC_REDIST_SIZE 0x20000ULL  /* RD + SGI frame of one vCPU */
+#define SCRATCH_TABLE 0x1000ULL      /* offset of the page table list in the scratch slot */
+
+enum { EV_MMIO, EV_STOP };
+enum { DO_IMMEDIATE = 1, DO_SIGNAL = 2, DO_PREEMPT = 4 };
+enum { R_RAM, R_MMIO, R_KERNEL };
+
+struct region { uint64_t base, size; int kind, prefault; void *host; };
+struct event { int when; uint64_t n; int what; };
+
+struct casedef {
+	long id;
+	uint64_t base, max_steps, timeout_ms, mmio_read;
+	uint64_t regs[32];
+	struct region reg[MAX_REGIONS];
+	int nreg;
+	struct event ev[MAX_EVENTS];
+	int nev;
+	uint32_t words[MAX_WORDS];
+	int nwords;
+};
+
+/* The prefault prologue, run by the guest with stepping off.  x3 points to a
+ * list of entries (page | 2 | exec), 0-terminated; x4 is an address outside
+ * every memslot.  For each page: call into it if it will hold code (the page
+ * is filled with `ret`, so the fetch maps the instruction side), then load
+ * and store (data side, writable).  The final store exits to userspace. */
+__asm__(
+	".pushsection .rodata\n"
+	".balign 4\n"
+	".globl sf_prologue_start\n"
+	"sf_prologue_start:\n"
+	"1:	ldr	x1, [x3], #8\n"
+	"	cbz	x1, 3f\n"
+	"	and	x2, x1, #0xfffffffffffff000\n"
+	"	tbz	x1, #0, 2f\n"
+	"	blr	x2\n"
+	"2:	ldr	x5, [x2]\n"
+	"	str	x5, [x2]\n"
+	"	b	1b\n"
+	"3:	str	xzr, [x4]\n"
+	"	b	3b\n"
+	".globl sf_prologue_end\n"
+	"sf_prologue_end:\n"
+	".popsection\n");
+extern const uint32_t sf_prologue_start[], sf_prologue_end[];
+
+/* What the last case showed, for a caller that checks it itself. */
+#define MAX_RECORDED 65536
+struct stop_record { uint64_t pc; uint32_t hsr; };
+static struct stop_record recorded[MAX_RECORDED];
+static size_t nrecorded;
+static char ended[16], ended_detail[160];
+static int quiet;                 /* no "@@sf" lines: the caller prints its own */
+
+static int kvm_fd = -1;
+static volatile sig_atomic_t timed_out;
+static long kvm_run_size;
+
+/* ------------------------------------------------------------ output */
+
+static char outbuf[1 << 16];
+static size_t outlen;
+
+static void flush_out(void)
+{
+	size_t done = 0;
+	while (done < outlen) {
+		ssize_t n = write(1, outbuf + done, outlen - done);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		done += (size_t)n;
+	}
+	outlen = 0;
+}
+
+/* One protocol line; whole lines are buffered so they reach the console in one write. */
+static void out(const char *fmt, ...)
+{
+	if (quiet)
+		return;
+	char line[512];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if (n > (int)sizeof(line) - 2)
+		n = sizeof(line) - 2;
+	line[n++] = '\n';
+	if (outlen + (size_t)n + 5 > sizeof(outbuf))
+		flush_out();
+	memcpy(outbuf + outlen, "@@sf ", 5);
+	memcpy(outbuf + outlen + 5, line, (size_t)n);
+	outlen += (size_t)n + 5;
+}
+
+/* ------------------------------------------------------------ KVM helpers */
+
+static uint64_t core_reg(size_t offset)
+{
+	return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (offset / sizeof(uint32_t));
+}
+
+static int set_reg(int vcpu, uint64_t id, uint64_t value)
+{
+	struct kvm_one_reg r = { .id = id, .addr = (uint64_t)(uintptr_t)&value };
+	return ioctl(vcpu, KVM_SET_ONE_REG, &r);
+}
+
+static int get_reg(int vcpu, uint64_t id, uint64_t *value)
+{
+	struct kvm_one_reg r = { .id = id, .addr = (uint64_t)(uintptr_t)value };
+	return ioctl(vcpu, KVM_GET_ONE_REG, &r);
+}
+
+#define REG_X(i) core_reg(offsetof(struct kvm_regs, regs.regs) + 8 * (i))
+#define REG_SP_EL0 core_reg(offsetof(struct kvm_regs, regs.sp))
+#define REG_PC core_reg(offsetof(struct kvm_regs, regs.pc))
+#define REG_PSTATE core_reg(offsetof(struct kvm_regs, regs.pstate))
+#define REG_SP_EL1 core_reg(offsetof(struct kvm_regs, sp_el1))
+
+static int set_memslot(int vm, int slot, uint64_t ipa, uint64_t size, void *host)
+{
+	struct kvm_userspace_memory_region m = {
+		.slot = (uint32_t)slot, .guest_phys_addr = ipa, .memory_size = size,
+		.userspace_addr = (uint64_t)(uintptr_t)host,
+	};
+	return ioctl(vm, KVM_SET_USER_MEMORY_REGION, &m);
+}
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	timed_out = 1;
+}
+
+/* SIGUSR1 is only ever consumed with sigtimedwait; should it be delivered
+ * anyway, it must not kill the runner. */
+static void on_usr1(int sig)
+{
+	(void)sig;
+}
+
+static void arm_timer(uint64_t ms)
+{
+	struct itimerval t = { { 0, 0 }, { (time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000 } };
+	timed_out = 0;
+	setitimer(ITIMER_REAL, &t, NULL);
+}
+
+static void disarm_timer(void)
+{
+	struct itimerval t = { { 0, 0 }, { 0, 0 } };
+	setitimer(ITIMER_REAL, &t, NULL);
+}
+
+/* Move this thread to another CPU: the closest thing to "preempted and
+ * migrated before entry" a VMM can force (docs/real-kvm.md). */
+static int migrate(void)
+{
+	cpu_set_t set;
+	int cur = sched_getcpu(), n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+
+	if (n < 2)
+		return -1;
+	CPU_ZERO(&set);
+	CPU_SET((cur + 1) % n, &set);
+	return sched_setaffinity(0, sizeof(set), &set);
+}
+
+/* ------------------------------------------------------------ guest physical layout */
+
+struct span { uint64_t lo, hi; };
+
+/* The lowest `align`-aligned gap of `size` bytes below 2^40 that overlaps
+ * neither a case region nor anything already taken; 0 if none. */
+static uint64_t free_gap(const struct casedef *c, struct span *taken, int ntaken, uint64_t size, uint64_t align)
+{
+	uint64_t at = 0x40000000ULL;
+
+	for (int tries = 0; tries < 4 * (MAX_REGIONS + 8); tries++) {
+		uint64_t hi = 0;
+		at = (at + align - 1) & ~(align - 1);
+		if (at + size > IPA_LIMIT)
+			return 0;
+		for (int i = 0; i < c->nreg; i++)
+			if (at < c->reg[i].base + c->reg[i].size && c->reg[i].base < at + size && c->reg[i].base + c->reg[i].size > hi)
+				hi = c->reg[i].base + c->reg[i].size;
+		for (int i = 0; i < ntaken; i++)
+			if (at < taken[i].hi && taken[i].lo < at + size && taken[i].hi > hi)
+				hi = taken[i].hi;
+		if (!hi)
+			return at;
+		at = hi;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------ one case */
+
+struct vm {
+	int vm, vcpu, gic;
+	struct kvm_run *run;
+	uint8_t *scratch;          /* the prologue's memory, while it exists */
+	uint64_t scratch_size;
+	uint64_t runs;
+	long nrec;
+};
+
+static void end_case(const struct casedef *c, struct vm *v, const char *reason, const char *detail)
+{
+	disarm_timer();
+	snprintf(ended, sizeof(ended), "%s", reason);
+	snprintf(ended_detail, sizeof(ended_detail), "%s", detail ? detail : "");
+	out("%ld end %s %ld %s", c->id, reason, v->nrec, detail ? detail : "");
+}
+
+static int setup_fail(const struct casedef *c, struct vm *v, const char *what)
+{
+	char detail[160];
+	snprintf(detail, sizeof(detail), "%s: %s", what, strerror(errno));
+	end_case(c, v, "setup", detail);
+	return -1;
+}
+
+/* Run the prefault prologue: map every prefaulted page at stage 2, from
+ * inside the guest, before stepping is turned on.  Its exits are not reported. */
+static int prefault(const struct casedef *c, struct vm *v, struct span *taken, int *ntaken, uint64_t end_code)
+{
+	uint64_t npages = 0, scratch_size, scratch, done, *table;
+	uint8_t *mem;
+	size_t code = (size_t)((const char *)sf_prologue_end - (const char *)sf_prologue_start);
+
+	for (int i = 0; i < c->nreg; i++)
+		if (c->reg[i].kind == R_RAM && c->reg[i].prefault)
+			npages += c->reg[i].size / PAGE;
+	if (!npages)
+		return 0;
+	scratch_size = (SCRATCH_TABLE + 8 * (npages + 1) + PAGE - 1) & ~(PAGE - 1);
+	scratch = free_gap(c, taken, *ntaken, scratch_size, PAGE);
+	if (!scratch)
+		return end_case(c, v, "unsupported", "no free guest-physical space for the prefault prologue"), -1;
+	taken[(*ntaken)++] = (struct span){ scratch, scratch + scratch_size };
+	done = free_gap(c, taken, *ntaken, PAGE, PAGE);
+	if (!done)
+		return end_case(c, v, "unsupported", "no free guest-physical page for the prologue's exit"), -1;
+
+	mem = mmap(NULL, scratch_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED)
+		return setup_fail(c, v, "mmap scratch");
+	v->scratch = mem;
+	v->scratch_size = scratch_size;
+	memcpy(mem, sf_prologue_start, code);
+	table = (uint64_t *)(mem + SCRATCH_TABLE);
+	for (int i = 0; i < c->nreg; i++) {
+		const struct region *r = &c->reg[i];
+		if (r->kind != R_RAM || !r->prefault)
+			continue;
+		for (uint64_t off = 0; off < r->size; off += PAGE) {
+			uint64_t page = r->base + off;
+			int exec = page + PAGE > c->base && page < end_code + 4;
+			uint32_t *w = (uint32_t *)((uint8_t *)r->host + off);
+			for (unsigned k = 0; k < PAGE / 4; k++)
+				w[k] = INSN_RET;
+			*table++ = page | 2 | (uint64_t)exec;
+		}
+		__builtin___clear_cache((char *)r->host, (char *)r->host + r->size);
+	}
+	*table = 0;
+	__builtin___clear_cache((char *)mem, (char *)mem + code);
+
+	if (set_memslot(v->vm, MAX_REGIONS, scratch, scratch_size, mem) < 0)
+		return setup_fail(c, v, "KVM_SET_USER_MEMORY_REGION (scratch)");
+	if (set_reg(v->vcpu, REG_PC, scratch) < 0 || set_reg(v->vcpu, REG_X(3), scratch + SCRATCH_TABLE) < 0 ||
+	    set_reg(v->vcpu, REG_X(4), done) < 0 || set_reg(v->vcpu, REG_PSTATE, PSTATE_EL1H_DAIF) < 0)
+		return setup_fail(c, v, "KVM_SET_ONE_REG (prologue)");
+	for (uint64_t runs = 0;; runs++) {
+		if (timed_out)
+			return end_case(c, v, "timeout", "in the prefault prologue"), -1;
+		if (runs > 64 + 4 * npages)
+			return end_case(c, v, "setup", "prefault prologue did not finish"), -1;
+		if (ioctl(v->vcpu, KVM_RUN, 0) < 0) {
+			if (errno == EINTR)
+				continue;
+			return setup_fail(c, v, "KVM_RUN (prefault prologue)");
+		}
+		if (v->run->exit_reason == KVM_EXIT_MMIO && v->run->mmio.phys_addr == done)
+			break;
+		char detail[96];
+		snprintf(detail, sizeof(detail), "prefault prologue: unexpected exit %u", v->run->exit_reason);
+		return end_case(c, v, "setup", detail), -1;
+	}
+	/* Abandon the prologue's MMIO store instead of completing it: a
+	 * completion would advance the PC, and on 5.11-5.12.9 that increment
+	 * stays pending and would be applied to the case's first entry.  With
+	 * exit_reason reset, no kernel looks at the old exit again (every new
+	 * MMIO exit sets up its own completion). */
+	v->run->exit_reason = KVM_EXIT_UNKNOWN;
+	if (set_memslot(v->vm, MAX_REGIONS, scratch, 0, mem) < 0)
+		return setup_fail(c, v, "KVM_SET_USER_MEMORY_REGION (delete scratch)");
+	munmap(mem, scratch_size);
+	v->scratch = NULL;
+	/* Back to all zeros; the code goes in afterwards. */
+	for (int i = 0; i < c->nreg; i++)
+		if (c->reg[i].kind == R_RAM && c->reg[i].prefault)
+			memset(c->reg[i].host, 0, c->reg[i].size);
+	return 0;
+}
+
+static int create_vgic(const struct casedef *c, struct vm *v, const struct region *dist, struct span *taken, int *ntaken)
+{
+	struct kvm_create_device d = { .type = KVM_DEV_TYPE_ARM_VGIC_V3 };
+	uint64_t dist_base = dist->base, redist;
+	struct kvm_device_attr a = { .group = KVM_DEV_ARM_VGIC_GRP_ADDR };
+
+	redist = free_gap(c, taken, *ntaken, VGIC_REDIST_SIZE, 0x10000);
+	if (!redist)
+		return end_case(c, v, "unsupported", "no free 64 KiB-aligned 128 KiB gap for the vGIC redistributor"), -1;
+	taken[(*ntaken)++] = (struct span){ redist, redist + VGIC_REDIST_SIZE };
+	if (ioctl(v->vm, KVM_CREATE_DEVICE, &d) < 0)
+		return setup_fail(c, v, "KVM_CREATE_DEVICE (vGICv3)");
+	v->gic = (int)d.fd;
+	a.attr = KVM_VGIC_V3_ADDR_TYPE_DIST;
+	a.addr = (uint64_t)(uintptr_t)&dist_base;
+	if (ioctl(v->gic, KVM_SET_DEVICE_ATTR, &a) < 0)
+		return setup_fail(c, v, "vGIC distributor address");
+	a.attr = KVM_VGIC_V3_ADDR_TYPE_REDIST;
+	a.addr = (uint64_t)(uintptr_t)&redist;
+	if (ioctl(v->gic, KVM_SET_DEVICE_ATTR, &a) < 0)
+		return setup_fail(c, v, "vGIC redistributor address");
+	struct kvm_device_attr init = { .group = KVM_DEV_ARM_VGIC_GRP_CTRL, .attr = KVM_DEV_ARM_VGIC_CTRL_INIT };
+	if (ioctl(v->gic, KVM_SET_DEVICE_ATTR, &init) < 0)
+		return setup_fail(c, v, "vGIC init");
+	return 0;
+}
+
+/* Why the runner cannot take this case, or NULL. */
+static const char *unsupported(const struct casedef *c, const struct region **dist)
+{
+	int nkernel = 0;
+
+	*dist = NULL;
+	for (int i = 0; i < c->nreg; i++) {
+		if (c->reg[i].kind != R_KERNEL)
+			continue;
+		nkernel++;
+		*dist = &c->reg[i];
+	}
+	if (nkernel > 1)
+		return "more than one mmio-kernel region (the runner has one vGIC distributor)";
+	if (*dist && ((*dist)->base % 0x10000 || (*dist)->size != VGIC_DIST_SIZE))
+		return "an mmio-kernel region must be a 64 KiB-aligned, 64 KiB vGIC distributor";
+	return NULL;
+}
+
+static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
+{
+	uint64_t nstops = 0, nmmio = 0, max_runs = 8 * c->max_steps + 64;
+	int pending = 0;
+	struct kvm_run *run = v->run;
+	sigset_t usr1;
+	struct timespec zero = { 0, 0 };
+
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	for (;;) {
+		if (timed_out)
+			return end_case(c, v, "timeout", ""), 0;
+		if (v->runs >= max_runs)
+			return end_case(c, v, "max-runs", ""), 0;
+		if ((pending & DO_PREEMPT) && migrate() < 0)
+			out("%ld note preempt: cannot move to another CPU (%s)", c->id, strerror(errno));
+		if (pending & DO_SIGNAL)
+			raise(SIGUSR1);           /* blocked here, unblocked inside KVM_RUN */
+		run->immediate_exit = (pending & DO_IMMEDIATE) ? 1 : 0;
+		int ret = ioctl(v->vcpu, KVM_RUN, 0);
+		int err = errno;
+		run->immediate_exit = 0;
+		if (pending & DO_SIGNAL)
+			sigtimedwait(&usr1, NULL, &zero);   /* never let it reach a later KVM_RUN */
+		pending = 0;
+		v->runs++;
+		if (ret < 0) {
+			if (err == EINTR) {
+				if (timed_out)
+					return end_case(c, v, "timeout", ""), 0;
+				out("%ld I", c->id);
+				v->nrec++;
+				continue;
+			}
+			out("%ld E %d", c->id, err);
+			v->nrec++;
+			char detail[64];
+			snprintf(detail, sizeof(detail), "%d", err);
+			return end_case(c, v, "error", detail), 0;
+		}
+		switch (run->exit_reason) {
+		case KVM_EXIT_DEBUG: {
+			uint64_t pc = 0;
+			if (get_reg(v->vcpu, REG_PC, &pc) < 0)
+				return setup_fail(c, v, "KVM_GET_ONE_REG (pc)");
+			out("%ld S %#llx %#x", c->id, (unsigned long long)pc, run->debug.arch.hsr);
+			if (nrecorded < MAX_RECORDED)
+				recorded[nrecorded++] = (struct stop_record){ pc, run->debug.arch.hsr };
+			v->nrec++;
+			nstops++;
+			if (pc == end_code)
+				return end_case(c, v, "end", ""), 0;
+			if (pc < c->base || pc > end_code)
+				return end_case(c, v, "left-code", ""), 0;
+			if (nstops >= c->max_steps)
+				return end_case(c, v, "max-steps", ""), 0;
+			for (int i = 0; i < c->nev; i++)
+				if (c->ev[i].when == EV_STOP && c->ev[i].n == nstops)
+					pending |= c->ev[i].what;
+			break;
+		}
+		case KVM_EXIT_MMIO: {
+			uint64_t data = 0;
+			unsigned len = run->mmio.len > 8 ? 8 : run->mmio.len;
+			if (run->mmio.is_write) {
+				memcpy(&data, run->mmio.data, len);
+			} else {
+				data = len < 8 ? c->mmio_read & ((1ULL << (8 * len)) - 1) : c->mmio_read;
+				memcpy(run->mmio.data, &data, len);   /* little-endian host */
+			}
+			out("%ld M %c %#llx %u %#llx", c->id, run->mmio.is_write ? 'w' : 'r',
+			    (unsigned long long)run->mmio.phys_addr, run->mmio.len, (unsigned long long)data);
+			v->nrec++;
+			nmmio++;
+			for (int i = 0; i < c->nev; i++)
+				if (c->ev[i].when == EV_MMIO && c->ev[i].n == nmmio)
+					pending |= c->ev[i].what;
+			break;
+		}
+		case KVM_EXIT_INTR:
+			out("%ld I", c->id);
+			v->nrec++;
+			break;
+		default: {
+			char detail[32];
+			snprintf(detail, sizeof(detail), "%u", run->exit_reason);
+			return end_case(c, v, "exit", detail), 0;
+		}
+		}
+	}
+}
+
+static void run_case(struct casedef *c)
+{
+	struct vm v = { .vm = -1, .vcpu = -1, .gic = -1 };
+	struct span taken[8];
+	int ntaken = 0;
+	const struct region *dist;
+	const char *why;
+	uint64_t end_code = c->base + 4ULL * (uint64_t)c->nwords;
+	struct region *home = NULL;
+
+	nrecorded = 0;
+	ended[0] = ended_detail[0] = 0;
+	out("%ld begin", c->id);
+	arm_timer(c->timeout_ms);
+	why = unsupported(c, &dist);
+	if (why) {
+		end_case(c, &v, "unsupported", why);
+		goto out;
+	}
+	v.vm = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+	if (v.vm < 0) {
+		setup_fail(c, &v, "KVM_CREATE_VM");
+		goto out;
+	}
+	for (int i = 0; i < c->nreg; i++) {
+		struct region *r = &c->reg[i];
+		if (r->kind != R_RAM)
+			continue;
+		r->host = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (r->host == MAP_FAILED) {
+			r->host = NULL;
+			setup_fail(c, &v, "mmap guest ram");
+			goto out;
+		}
+		/* 4 KiB stage-2 mappings, and every page present and writable in
+		 * the host, so a first read fault maps it writable at once. */
+		madvise(r->host, r->size, MADV_NOHUGEPAGE);
+		memset(r->host, 0, r->size);
+		if (set_memslot(v.vm, i, r->base, r->size, r->host) < 0) {
+			setup_fail(c, &v, "KVM_SET_USER_MEMORY_REGION");
+			goto out;
+		}
+		if (c->base >= r->base && end_code + 4 <= r->base + r->size)
+			home = r;
+	}
+	if (!home) {
+		end_case(c, &v, "unsupported", "the code is not inside one ram region");
+		goto out;
+	}
+	v.vcpu = ioctl(v.vm, KVM_CREATE_VCPU, 0);
+	if (v.vcpu < 0) {
+		setup_fail(c, &v, "KVM_CREATE_VCPU");
+		goto out;
+	}
+	struct kvm_vcpu_init init;
+	memset(&init, 0, sizeof(init));
+	if (ioctl(v.vm, KVM_ARM_PREFERRED_TARGET, &init) < 0) {
+		setup_fail(c, &v, "KVM_ARM_PREFERRED_TARGET");
+		goto out;
+	}
+	init.features[0] |= 1u << KVM_ARM_VCPU_PSCI_0_2;
+	if (ioctl(v.vcpu, KVM_ARM_VCPU_INIT, &init) < 0) {
+		setup_fail(c, &v, "KVM_ARM_VCPU_INIT");
+		goto out;
+	}
+	if (dist && create_vgic(c, &v, dist, taken, &ntaken) < 0)
+		goto out;
+	/* Every kernel answers PSCI_VERSION with 1.0, as the model does. */
+	if (set_reg(v.vcpu, KVM_REG_ARM_PSCI_VERSION, PSCI_1_0) < 0)
+		out("%ld note psci-version: the kernel refused PSCI 1.0 (%s)", c->id, strerror(errno));
+	v.run = mmap(NULL, (size_t)kvm_run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v.vcpu, 0);
+	if (v.run == MAP_FAILED) {
+		v.run = NULL;
+		setup_fail(c, &v, "mmap kvm_run");
+		goto out;
+	}
+	/* All signals open inside KVM_RUN: a raised SIGUSR1 (blocked outside)
+	 * makes it return EINTR; SIGALRM ends a case that runs too long. */
+	struct { struct kvm_signal_mask m; uint8_t set[8]; } mask;
+	memset(&mask, 0, sizeof(mask));
+	mask.m.len = 8;
+	if (ioctl(v.vcpu, KVM_SET_SIGNAL_MASK, &mask) < 0) {
+		setup_fail(c, &v, "KVM_SET_SIGNAL_MASK");
+		goto out;
+	}
+	if (prefault(c, &v, taken, &ntaken, end_code) < 0)
+		goto out;
+
+	uint32_t *code = (uint32_t *)((uint8_t *)home->host + (c->base - home->base));
+	memcpy(code, c->words, 4 * (size_t)c->nwords);
+	code[c->nwords] = INSN_B_SELF;
+	__builtin___clear_cache((char *)code, (char *)(code + c->nwords + 1));
+
+	for (int i = 0; i < 31; i++)
+		if (set_reg(v.vcpu, REG_X(i), c->regs[i]) < 0) {
+			setup_fail(c, &v, "KVM_SET_ONE_REG (x)");
+			goto out;
+		}
+	if (set_reg(v.vcpu, REG_SP_EL0, 0) < 0 || set_reg(v.vcpu, REG_SP_EL1, c->regs[31]) < 0 ||
+	    set_reg(v.vcpu, REG_PC, c->base) < 0 || set_reg(v.vcpu, REG_PSTATE, PSTATE_EL1H_DAIF) < 0) {
+		setup_fail(c, &v, "KVM_SET_ONE_REG");
+		goto out;
+	}
+	struct kvm_guest_debug dbg;
+	memset(&dbg, 0, sizeof(dbg));
+	dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+	if (ioctl(v.vcpu, KVM_SET_GUEST_DEBUG, &dbg) < 0) {
+		setup_fail(c, &v, "KVM_SET_GUEST_DEBUG");
+		goto out;
+	}
+	step_loop(c, &v, end_code);
+out:
+	disarm_timer();
+	if (v.run)
+		munmap(v.run, (size_t)kvm_run_size);
+	if (v.gic >= 0)
+		close(v.gic);
+	if (v.vcpu >= 0)
+		close(v.vcpu);
+	if (v.vm >= 0)
+		close(v.vm);
+	if (v.scratch)
+		munmap(v.scratch, v.scratch_size);    /* after the VM: a memslot may still point here */
+	for (int i = 0; i < c->nreg; i++)
+		if (c->reg[i].host) {
+			munmap(c->reg[i].host, c->reg[i].size);
+			c->reg[i].host = NULL;
+		}
+	flush_out();
+}
+
+/* SIGALRM ends a case that runs too long (no SA_RESTART: it interrupts
+ * KVM_RUN); SIGUSR1, blocked outside KVM_RUN, is the `signal` event. */
+static void setup_signals(void)
+{
+	struct sigaction sa;
+	sigset_t usr1;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_alarm;
+	sigaction(SIGALRM, &sa, NULL);
+	sa.sa_handler = on_usr1;
+	sigaction(SIGUSR1, &sa, NULL);
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &usr1, NULL);
+}
+
+static int open_kvm(void)
+{
+	/* /dev/kvm is registered before init runs; allow the node a moment anyway. */
+	for (int i = 0; i < 100 && kvm_fd < 0; i++) {
+		kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+		if (kvm_fd < 0 && getpid() == 1)
+			usleep(100000);
+		else
+			break;
+	}
+	if (kvm_fd < 0) {
+		out("fatal cannot open /dev/kvm: %s", strerror(errno));
+		return -1;
+	}
+	kvm_run_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+	if (kvm_run_size <= 0) {
+		out("fatal KVM_GET_VCPU_MMAP_SIZE: %s", strerror(errno));
+		return -1;
+	}
+	out("ready api %d cpus %ld", ioctl(kvm_fd, KVM_GET_API_VERSION, 0), sysconf(_SC_NPROCESSORS_ONLN));
+	return 0;
+}

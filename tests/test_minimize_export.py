@@ -1,0 +1,142 @@
+"""Minimize, triage and export, as a user runs them; reproducers proven on real kernels."""
+import json
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from conftest import CORPUS, REPO
+from fuzz import insns as I
+from fuzz.crashes import CrashStore
+from fuzz.export import c_comment, c_string, selftest, standalone
+from fuzz.minimize import minimize
+from oracle.case import load_case, parse_case
+from oracle.kvm.eras import ERAS, select
+from oracle.run import check
+
+
+def stepfuzz(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def padded_6_1_case():
+    """The 6.1 immediate-exit bug (one MMIO load, the instruction after it,
+    one event) hidden in 40 instructions of unrelated work."""
+    rnd = random.Random(3)
+    known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
+    noise = [I.add_imm(rnd.randrange(8), rnd.randrange(8), rnd.randrange(4096)) for _ in range(19)]
+    loads = [I.ldst_uimm(3, 1, 5, 20, 8 * i) for i in range(3)] + [I.debug_reg(True, 6, 4, 1)]
+    words = noise[:10] + loads + [known.words[1], I.add_imm(0, 0, 1)] + noise[10:] + loads[:2] + [I.hvc()] * 0
+    words += [I.NOP] * (40 - len(words))
+    regs = dict(known.regs) | {"x20": 0x40000}
+    memory = known.memory + (load_case(CORPUS / "exits" / "stage2-data-fault.json").memory[1],)
+    case = replace(known.with_words(), words=tuple(words[:40]), regs=tuple(sorted(regs.items(), key=lambda kv: int(kv[0][1:]))),
+                   memory=memory, expect=())
+    assert len(case.words) == 40
+    return case
+
+
+def test_a_40_instruction_divergence_shrinks_to_its_cause():
+    case = padded_6_1_case()
+    (r,) = check(case, select("6.1"))
+    assert r.divergence.signature == "6.1/multi-step/immediate-exit+mmio"
+    small, m = minimize(case, ERAS["6.1"])
+    assert len(small.words) <= 4 and len(small.events) == 1
+    (again,) = check(small, select("6.1"))
+    assert again.divergence.signature == r.divergence.signature
+    assert minimize(case, ERAS["6.1"])[0] == small            # deterministic
+
+
+def test_minimize_command_on_a_case_and_on_a_crash_directory(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(padded_6_1_case().dumps())
+    p = stepfuzz("minimize", path, "--era", "6.1", "-o", tmp_path / "small.json")
+    assert p.returncode == 0, p.stderr
+    assert "40 instructions" in p.stdout and "-> " in p.stdout
+    small = load_case(tmp_path / "small.json")
+    assert len(small.words) <= 4 and small.asm                  # readable assembly
+    p = stepfuzz("minimize", CORPUS / "programs" / "loop.json", "--era", "6.1")
+    assert p.returncode == 2 and "does not diverge on era 6.1" in p.stderr
+    crashes = tmp_path / "crashes"
+    store = CrashStore(crashes)
+    for f in ("known/4.15-stage2-fault-zero-step.json", "known/4.14-emulated-sysreg-multi-step.json"):
+        for r in check(load_case(CORPUS / f), select("all")):
+            if r.divergence:
+                store.record(r)
+    store.flush()
+    p = stepfuzz("minimize", crashes)
+    assert p.returncode == 0, p.stderr
+    assert len(list(crashes.glob("*/minimized.json"))) == len(list(crashes.glob("*/divergence.json")))
+
+
+def test_triage_groups_signatures_by_root_cause(tmp_path):
+    crashes = tmp_path / "crashes"
+    store = CrashStore(crashes)
+    for f in CORPUS.rglob("*.json"):
+        for r in check(load_case(f), select("all")):
+            if r.divergence:
+                store.record(r)
+    store.flush()
+    n_sigs = len(list(crashes.glob("*/divergence.json")))
+    p = stepfuzz("triage", crashes, "--html", tmp_path / "t.html")
+    assert p.returncode == 0
+    rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and not l.startswith("| effect")]
+    assert 0 < len(rows) < n_sigs
+    assert any("0 instructions per stop | stage2-" in r and "4.15" in r for r in rows)
+    assert any("2+ instructions per stop | dbgreg |" in r and "4.14, 5.0, 5.10" in r for r in rows)
+    assert "<table>" in (tmp_path / "t.html").read_text()
+
+
+def test_exported_c_escapes_case_text(tmp_path):
+    evil = '*/ #include "x" \\ ??= \n\t\x01 /*'
+    assert not any(bad in c_comment(evil) for bad in ("*/", "/*", "??", "\n", "\x01"))
+    lit = c_string(evil)
+    assert lit.startswith('"') and lit.endswith('"') and "\n" not in lit and "??=" not in lit
+    base = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
+    case = replace(base, name=evil)
+    import re
+
+    def code_only(text):      # string literals and comments are data; the rest must not change
+        text = re.sub(r'"(\\.|[^"\\])*"', '""', text)
+        return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    for export in (standalone, selftest):
+        assert code_only(export([case])) == code_only(export([replace(base, name="plain")]))
+    if shutil.which("aarch64-linux-gnu-gcc"):
+        src = tmp_path / "evil.c"
+        src.write_text(standalone([case]))
+        cc = subprocess.run(["aarch64-linux-gnu-gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+                             str(tmp_path / "evil"), str(src)], capture_output=True, text=True)
+        assert cc.returncode == 0, cc.stderr
+
+
+KNOWN = sorted((CORPUS / "known").glob("*.json"))
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs gcc-aarch64-linux-gnu")
+def test_exports_compile_without_warnings(tmp_path):
+    for f in KNOWN:
+        p = stepfuzz("export", f, "--standalone", "-o", tmp_path / f"{f.stem}.c")
+        assert p.returncode == 0, p.stderr
+        cc = subprocess.run(["aarch64-linux-gnu-gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror",
+                             "-o", str(tmp_path / f.stem), str(tmp_path / f"{f.stem}.c")], capture_output=True, text=True)
+        assert cc.returncode == 0, cc.stderr
+    p = stepfuzz("export-corpus", CORPUS / "known", "-o", tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "stepfuzz_single_step.c").read_text().count(".name =") == len(KNOWN)
+    cc = subprocess.run(["aarch64-linux-gnu-gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+                         str(tmp_path / "all"), str(tmp_path / "out" / "stepfuzz_repro.c")], capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+
+
+def test_export_refuses_what_it_cannot_check(tmp_path):
+    bad = tmp_path / "wfi.json"
+    bad.write_text(json.dumps({"stepfuzz": 1, "code": {"base": "0x10000", "asm": "nop\nwfi"},
+                               "memory": [{"base": "0x10000", "size": "0x10000", "kind": "ram"}]}))
+    p = stepfuzz("export", bad, "--standalone", "-o", tmp_path / "x.c")
+    assert p.returncode == 2 and "cannot check" in p.stderr and not (tmp_path / "x.c").exists()
+    p = stepfuzz("export", CORPUS / "known" / "5.11-irq-after-retire-multi-step.json", "--standalone", "-o", tmp_path / "y.c")
+    assert p.returncode == 0 and "not reproducible from userspace, left out: after insn 2: host-irq" in p.stderr
