@@ -162,7 +162,7 @@ def run(cfg: Config) -> int:
          "seed": seed, "started": started, "started_iso": now_iso(), "pid": os.getpid()}, indent=2))
 
     argv = [str(harness_launcher()), str(cfg.corpus.resolve()), f"-seed={seed}", "-reduce_inputs=0",
-            "-max_len=4096", "-timeout=120", "-rss_limit_mb=4096", "-print_final_stats=1",
+            "-max_len=4096", "-len_control=0", "-timeout=120", "-rss_limit_mb=4096", "-print_final_stats=1",
             f"-artifact_prefix={(cfg.crashes / 'artifacts').resolve()}/"]
     (cfg.crashes / "artifacts").mkdir(exist_ok=True)
     if cfg.seconds:

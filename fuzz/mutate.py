@@ -17,7 +17,7 @@ from .encoding import EVENT_KINDS, NotACase, decode, decode_input, encode
 
 MAX_WORDS = 256
 BYTE_LEVEL_SHARE = 0.1
-FRESH_SHARE = 0.05        # a freshly generated case now and then: keeps the search near the generator's distribution
+FRESH_SHARE = 0.2        # a freshly generated case now and then: keeps the search near the generator's distribution
 
 
 def _words(rnd: random.Random, case: Case) -> list[int]:
