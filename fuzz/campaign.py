@@ -55,7 +55,7 @@ class Config:
     corpus: Path = Path("corpus")
     crashes: Path = Path("crashes")
     seed: int | None = None
-    max_steps: int = 256
+    max_steps: int = 100
     extra: list[str] = field(default_factory=list)
     quiet: bool = False
 

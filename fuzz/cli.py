@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--corpus", default="corpus", help="corpus directory (default corpus/)")
     f.add_argument("--crashes", default="crashes", help="crash directory (default crashes/)")
     f.add_argument("--seed", type=int, help="libFuzzer seed (printed at start; reuse to repeat)")
-    f.add_argument("--max-steps", type=int, default=256, help="bound on any input's max_steps (default 256)")
+    f.add_argument("--max-steps", type=int, default=100, help="bound on any input's max_steps (default 100)")
     f.add_argument("libfuzzer", nargs="*", metavar="-- LIBFUZZER_FLAG", help="extra libFuzzer flags after --")
     f.set_defaults(func=cmd_fuzz)
 

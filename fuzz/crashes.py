@@ -33,11 +33,12 @@ def now_iso() -> str:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write then rename: a killed process leaves the old file or the new one,
+    never half of one.  (No fsync: that guards against power loss, not kills,
+    and costs milliseconds per file in the fuzzing loop.)"""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

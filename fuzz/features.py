@@ -43,10 +43,22 @@ def bucket(h: int) -> int:
     return TREES[(h >> (DEPTH - SPLIT)) & ((1 << SPLIT) - 1)](h)
 
 
+_KEYS: dict[tuple, int] = {}
+PLAIN = ("|native",)
+
+
+def _key(era: str, why: tuple[str, ...], steps: int, isv: int) -> int:
+    k = (era, why, steps, isv)
+    h = _KEYS.get(k)
+    if h is None:
+        h = _KEYS[k] = zlib.crc32(f"{era}|{'+'.join(sorted(set(why)))}|{min(steps, 3)}|{isv}".encode())
+    return h
+
+
 def observe(r: Result) -> None:
     era = r.era.id
     for s in r.model.stops:
-        if s.why or s.steps != 1:
-            bucket(zlib.crc32(f"{era}|{'+'.join(sorted(set(s.why)))}|{min(s.steps, 3)}|{s.isv}".encode()))
+        if s.why != PLAIN or s.steps != 1:
+            bucket(_key(era, s.why, s.steps, s.isv))
     if r.divergence is not None:
         bucket(zlib.crc32(r.divergence.signature.encode()))

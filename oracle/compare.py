@@ -82,8 +82,10 @@ def _cause(why: tuple[str, ...]) -> str:
 def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
     skipped_before = sorted(i for i, _ in model.skipped)
     stops = model.stops
+    plain = getattr(log, "_plain", None)
+    ideal = plain.ideal if plain is not None else ()
     for i, (pc, got) in enumerate(zip(ref.pcs, stops)):
-        if got.steps == 1 and got.pc == pc:
+        if (i < len(ideal) and got is ideal[i]) or (got.steps == 1 and got.pc == pc):
             continue
         if skipped_before and skipped_before[0] <= i:
             kind = SKIPPED

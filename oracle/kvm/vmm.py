@@ -5,6 +5,8 @@ stops it sees into a Trace.
 """
 from __future__ import annotations
 
+import bisect
+
 from ..guest import END, MAX_STEPS, ExecLog
 from ..isa import decode
 from ..trace import DONE_NATIVE, HSR_STEPPED, Exit, Stop, Trace
@@ -28,12 +30,31 @@ def _state(kvm: Kvm, hw: GuestHw) -> tuple:
             kvm.increment_pc, kvm.ss_active_pending, kvm.host_ss_active_pending, kvm.signal)
 
 
-def _ordinary(log: ExecLog) -> list[bool]:
-    """Per dynamic instruction: completes natively with nothing to report."""
-    case = log.case
-    odd = {case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive}
-    specials = log.specials
-    return [i not in specials and pc not in odd for i, pc in enumerate(log.pcs[:log.n])]
+class _Plain:
+    """Per execution log, shared by every era: where runs of ordinary
+    instructions (completing natively, nothing to report, no event) end, and
+    the stop each of them gives."""
+
+    def __init__(self, log: ExecLog, timed: set[int]):
+        case, n, pcs = log.case, log.n, log.pcs
+        odd = {case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive}
+        specials = log.specials
+        self.ideal = [Stop(pc, 1, HSR_STEPPED, (), PLAIN_WHY) for pc in pcs[1:n + 1]]
+        # run_end[i]: the first index >= i that the full loop must handle
+        self.run_end = [0] * (n + 1)
+        end = n
+        self.run_end[n] = n
+        for i in range(n - 1, -1, -1):
+            if i in specials or pcs[i] in odd or i in timed or pcs[i + 1] == case.end:
+                end = i
+            self.run_end[i] = end
+
+
+def _plain(log: ExecLog, timed: set[int]) -> _Plain:
+    cached = getattr(log, "_plain", None)
+    if cached is None:
+        cached = log._plain = _Plain(log, timed)
+    return cached
 
 
 def model_trace(era: Era, log: ExecLog) -> Trace:
@@ -58,10 +79,11 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
     budget = 8 * case.max_steps + 64
     outcome, detail = STUCK, "no progress"
     timed = hw.irq_before | hw.irq_after | kvm.signal_on_trap
-    ordinary = _ordinary(log)
+    plain = _plain(log, timed)
+    stop_events = sorted(after_stop)
     for _ in range(budget):
         if FAST_FORWARD and not next_run and not exits and not hw.why and hw.log is log:
-            n = _fast_forward(kvm, hw, ordinary, timed, stops, after_stop, case)
+            n = _fast_forward(kvm, hw, plain, stops, stop_events, case)
             if n:
                 last_retired = hw.retired
                 continue
@@ -79,7 +101,7 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
             stop = Stop(hw.pc, hw.retired - last_retired, kvm.hsr, tuple(exits), tuple(hw.why))
             stops.append(stop)
             if (before is not None and stop.hsr == HSR_STEPPED and stop.why == PLAIN_WHY and not stop.exits
-                    and hw.log is log and idx < len(ordinary) and ordinary[idx] and idx not in timed
+                    and hw.log is log and idx < log.n and plain.run_end[idx] > idx
                     and _state(kvm, hw) == before):
                 _STEADY.add(before)
             last_retired = hw.retired
@@ -112,22 +134,22 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
     return trace
 
 
-def _fast_forward(kvm: Kvm, hw: GuestHw, ordinary: list[bool], timed: set[int], stops: list[Stop],
-                  after_stop: dict[int, list[str]], case) -> int:
+def _fast_forward(kvm: Kvm, hw: GuestHw, plain: _Plain, stops: list[Stop], stop_events: list[int], case) -> int:
     """Apply a run of ordinary instructions from a steady state; returns how many."""
     if _state(kvm, hw) not in _STEADY:
         return 0
-    start = i = hw.idx
-    pcs, end = hw.log.pcs, case.end
-    # leave the last instruction of the run, and anything near an end
-    # condition or a scheduled event, to the full loop
-    limit = min(len(ordinary) - 1, start + case.max_steps - hw.retired - 1)
-    while (i < limit and ordinary[i] and i not in timed and pcs[i + 1] != end
-           and not after_stop.get(len(stops) + (i - start) + 1)):
-        i += 1
-    if i == start:
+    start = hw.idx
+    if start >= len(plain.run_end):
         return 0
-    stops.extend(Stop(pc, 1, HSR_STEPPED, (), PLAIN_WHY) for pc in pcs[start + 1:i + 1])
-    hw.idx, hw.pc = i, pcs[i]
+    # leave the last instruction of the run, and anything at an end condition
+    # or a scheduled event, to the full loop
+    i = min(plain.run_end[start], start + case.max_steps - hw.retired - 1)
+    k = bisect.bisect_right(stop_events, len(stops))
+    if k < len(stop_events):
+        i = min(i, start + stop_events[k] - len(stops) - 1)
+    if i <= start:
+        return 0
+    stops.extend(plain.ideal[start:i])
+    hw.idx, hw.pc = i, hw.log.pcs[i]
     hw.retired += i - start
     return i - start
