@@ -354,3 +354,32 @@ def _side_by_side(case, path: str, model: Trace, real: RealTrace, d, kernel: str
     if model.tail or real.tail:
         lines.append(f"  after the last stop: model [{_exits_text(model.tail)}], real [{_exits_text(real.tail)}]")
     return "\n".join(lines)
+
+
+def triage_on_kernels(buckets, names: list[str]) -> None:
+    """For each real kernel, replay every bucket's smallest reproducer (one
+    boot per kernel) and say whether the kernel shows the divergence: its
+    trace is identical to its era model's, which does or does not diverge
+    from the reference.  A kernel that departs from its era model is flagged."""
+    from oracle.case import load_case
+    from oracle.realkvm import kernels, vm
+    from oracle.run import check
+    cases = [(b.smallest["reproducer"], load_case(b.smallest["reproducer"])) for b in buckets]
+    for name in names:
+        try:
+            kernel = kernels.resolve(name)
+            traces, _ = vm.run_cases(cases, kernel)
+        except RealKvmError as e:
+            fail(f"triage on {name}: {e}")
+        era = _era_of(kernel)
+        for b, (_, case), real in zip(buckets, cases, traces):
+            if not real.sent:
+                b.real[name] = "not reproducible here"
+            elif real.failed:
+                b.real[name] = f"error ({real.end})"
+            else:
+                (model,) = check(case, eras_arg(era))
+                if difference(model.model, real) is not None:
+                    b.real[name] = f"differs from era {era}"
+                else:
+                    b.real[name] = "shows it" if model.divergence else "ideal"

@@ -22,10 +22,18 @@ class NotDivergent(ValueError):
     pass
 
 
+def visible(r) -> bool:
+    """Does the divergence show in the stop PCs alone?  A real kernel reports
+    PCs, not steps: a reproducer whose extra instruction is a branch to
+    itself would look right there."""
+    return [s.pc for s in r.model.stops] != r.reference.pcs
+
+
 @dataclass
 class Minimizer:
     era: Era
     signature: str
+    keep_visible: bool = True
     checks: int = 0
 
     def interesting(self, case: Case) -> bool:
@@ -34,7 +42,8 @@ class Minimizer:
             (r,) = check(case, [self.era])
         except Exception:
             return False
-        return r.divergence is not None and r.divergence.signature == self.signature
+        return (r.divergence is not None and r.divergence.signature == self.signature
+                and (visible(r) or not self.keep_visible))
 
 
 def size(case: Case) -> tuple[int, int, int, int]:
@@ -122,7 +131,7 @@ def minimize(case: Case, era: Era, log: Callable[[str], None] = lambda m: None) 
     (r,) = check(case, [era])
     if r.divergence is None:
         raise NotDivergent(f"does not diverge on era {era.id}")
-    m = Minimizer(era, r.divergence.signature)
+    m = Minimizer(era, r.divergence.signature, keep_visible=visible(r))
     # a smaller case is a new case: what the original was expected to show no longer holds
     case = replace(case, asm=None, expect=())
     progress = True

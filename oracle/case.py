@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -87,7 +88,7 @@ class Case:
     expect: tuple[tuple[str, str], ...] = ()
     source: str = field(default="<case>", compare=False)
 
-    @property
+    @cached_property
     def end(self) -> int:
         """The address where the run ends: just past the last instruction."""
         return self.base + 4 * len(self.words)

@@ -17,8 +17,11 @@ of a page" (a stage-2 fault) exactly "first TLB fill of that page".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import ctypes
+import struct
+from functools import lru_cache
 
 import unicorn.unicorn_const as ucc
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
@@ -63,6 +66,11 @@ X_REGS = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_
 REG_IDS = dict(zip([f"x{i}" for i in range(31)], X_REGS)) | {"sp": A.UC_ARM64_REG_SP}
 
 
+@lru_cache(maxsize=1 << 16)
+def _stops(word: int) -> bool:
+    return decode(word).stops
+
+
 def hvc_result(func: int) -> int | None:
     """x0 after an HVC #0 with function id `func` (low 32 bits of x0); None if not modelled."""
     func &= 0xFFFFFFFF
@@ -103,7 +111,7 @@ class ExecLog:
     redirects: tuple[tuple[int, int], ...] = ()
     _regs: dict[str, int] | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def n(self) -> int:
         """Number of instructions that completed."""
         return len(self.pcs) - 1
@@ -133,14 +141,24 @@ def machine() -> "Machine":
 
 
 class _Regs:
-    """Register access through Unicorn's C API: the Python binding's own
-    accessors cost several microseconds per call, too much per instruction."""
+    """Register access (and the per-case controls) through Unicorn's C API:
+    the Python binding's own wrappers cost several microseconds per call."""
 
     def __init__(self, uc: Uc):
         from unicorn.unicorn_py3.unicorn import uclib
         self._val = ctypes.c_uint64()
         self._ptr = ctypes.cast(ctypes.pointer(self._val), ctypes.c_void_p)
         self._uch, self._read, self._write = uc._uch, uclib.uc_reg_read, uclib.uc_reg_write
+        self._ctl = uclib.uc_ctl
+        # uc_ctl codes: (UC_CTL_IO_WRITE << 30) | (number of arguments << 26) | control
+        self._remove_cache = (ucc.UC_CTL_IO_WRITE << 30) | (2 << 26) | ucc.UC_CTL_TB_REMOVE_CACHE
+        self._flush_tlb = (ucc.UC_CTL_IO_WRITE << 30) | ucc.UC_CTL_TLB_FLUSH
+
+    def remove_cache(self, begin: int, end: int) -> None:
+        self._ctl(self._uch, self._remove_cache, ctypes.c_uint64(begin), ctypes.c_uint64(end))
+
+    def flush_tlb(self) -> None:
+        self._ctl(self._uch, self._flush_tlb)
 
     def __getitem__(self, reg: int) -> int:
         self._read(self._uch, reg, self._ptr)
@@ -208,17 +226,17 @@ class Machine:
         zero = bytes(SUBPAGE)
         for sub in self.dirty:
             uc.mem_write(sub, zero)
-        code = b"".join(w.to_bytes(4, "little") for w in case.words) + B_SELF.to_bytes(4, "little")
+        code = struct.pack(f"<{len(case.words) + 1}I", *case.words, B_SELF)
         phys = self._phys(first)
         uc.mem_write(phys, bytes(case.base - first) + code)
         self.dirty = set(range(phys, phys + case.base - first + len(code), SUBPAGE))
         # Drop stale translations of the code pages.  Translating the range
         # goes through the TLB hook, so it happens before the per-run flush.
         self.loading = True
-        uc.ctl_remove_cache(first, self.code_pages.stop)
+        self.regs.remove_cache(first, self.code_pages.stop)
         self.loading = False
-        uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
-        exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
+        self.regs.flush_tlb()
+        exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if _stops(w)]
         if exits != self.exits:
             uc.ctl_set_exits(exits)
             self.exits = exits

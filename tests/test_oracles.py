@@ -112,18 +112,24 @@ def test_same_case_gives_the_same_trace_every_time():
     assert runs[0] == runs[1] == runs[2]
 
 
-def test_fast_forward_changes_no_trace():
-    """Runs of plain instructions are applied in bulk from learned steady
-    states; the full loop must give exactly the same traces."""
+def test_fast_forward_changes_no_trace(monkeypatch):
+    """Runs of plain instructions applied in bulk from learned steady states
+    must give exactly the traces of the full loop, on generated and mutated
+    cases, with the learned states empty and full."""
     from fuzz.generate import generate
+    import fuzz.mutate as mutate
     import oracle.kvm.vmm as vmm
+    monkeypatch.setattr(mutate, "BYTE_LEVEL_SHARE", 0.0)
     rnd = random.Random(11)
     cases = [generate(rnd) for _ in range(300)] + [load_case(p) for p in CORPUS_FILES]
+    cases += [mutate.mutate_case(rnd, rnd.choice(cases)) for _ in range(300)]
     eras = select("all")
-    fast = [[(r.model.stops, r.model.outcome, r.model.skipped) for r in check(c, eras)] for c in cases]
-    vmm.FAST_FORWARD = False
-    try:
-        slow = [[(r.model.stops, r.model.outcome, r.model.skipped) for r in check(c, eras)] for c in cases]
-    finally:
-        vmm.FAST_FORWARD = True
-    assert fast == slow
+
+    def traces():
+        return [[(r.model.stops, r.model.outcome, r.model.detail, r.model.skipped, r.model.tail)
+                 for r in check(c, eras)] for c in cases]
+    vmm._STEADY.clear()
+    cold = traces()                    # learning
+    warm = traces()                    # learned
+    monkeypatch.setattr(vmm, "FAST_FORWARD", False)
+    assert traces() == cold == warm

@@ -57,3 +57,24 @@ def test_reproducer_fails_where_the_bug_is_and_passes_where_fixed(reproducers, k
     p = stepfuzz("kvm", "exec", reproducers[case.stem], "--kernel", name, timeout=300)
     assert p.returncode == want, p.stdout[-3000:] + p.stderr[-2000:]
     assert ("DIVERGES" in p.stdout) == (want == 1)
+
+
+def test_triage_says_which_real_kernels_show_each_root_cause(tools, kernel, tmp_path):
+    from fuzz.crashes import CrashStore
+    from oracle.kvm.eras import select
+    from oracle.run import check
+    kernel("6.1")
+    store = CrashStore(tmp_path / "crashes")
+    for f in KNOWN:
+        for r in check(load_case(f), select("all")):
+            if r.divergence:
+                store.record(r)
+    store.flush()
+    assert stepfuzz("minimize", tmp_path / "crashes").returncode == 0
+    p = stepfuzz("triage", tmp_path / "crashes", "--kernels", "6.1")
+    assert p.returncode == 0, p.stderr
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in p.stdout.splitlines()
+            if line.startswith("| ") and "effect" not in line}
+    assert "6.1: shows it" in rows[("2+ instructions per stop", "immediate-exit+mmio")]
+    assert "6.1: ideal" in rows[("2+ instructions per stop", "dbgreg")]
+    assert "6.1: not reproducible here" in rows[("2+ instructions per stop", "irq-pending")]

@@ -56,6 +56,8 @@ class GuestHw:
         self.skipped: list[int] = []  # PCs skipped without running
         self.entry_pc = self.pc
         self.why: list[str] = []      # events seen since the last stop (for signatures)
+        case = log.case
+        self.load_exclusive_pcs = {case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive}
 
     # ------------------------------------------------------------ entry
 
@@ -129,8 +131,7 @@ class GuestHw:
             self.irq_armed = True
 
     def _is_load_exclusive(self, idx: int) -> bool:
-        pc, case = self.log.pcs[idx], self.case
-        return case.base <= pc < case.end and decode(case.words[(pc - case.base) >> 2]).load_exclusive
+        return self.log.pcs[idx] in self.load_exclusive_pcs
 
     # ------------------------------------------------------------ KVM's side
 

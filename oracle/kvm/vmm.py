@@ -81,14 +81,18 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
     timed = hw.irq_before | hw.irq_after | kvm.signal_on_trap
     plain = _plain(log, timed)
     stop_events = sorted(after_stop)
+    run_end = plain.run_end
     for _ in range(budget):
-        if FAST_FORWARD and not next_run and not exits and not hw.why and hw.log is log:
+        idx = hw.idx
+        # the next instruction is ordinary, and nothing is pending
+        ordinary = idx < log.n and run_end[idx] > idx and not next_run and not exits and not hw.why \
+            and hw.log is log
+        if ordinary and FAST_FORWARD:
             n = _fast_forward(kvm, hw, plain, stops, stop_events, case)
             if n:
                 last_retired = hw.retired
                 continue
-        before = _state(kvm, hw) if not next_run else None
-        idx = hw.idx
+        before = _state(kvm, hw) if ordinary else None
         actions, next_run = next_run, []
         if "signal" in actions:
             kvm.signal = True
@@ -101,8 +105,7 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
             stop = Stop(hw.pc, hw.retired - last_retired, kvm.hsr, tuple(exits), tuple(hw.why))
             stops.append(stop)
             if (before is not None and stop.hsr == HSR_STEPPED and stop.why == PLAIN_WHY and not stop.exits
-                    and hw.log is log and idx < log.n and plain.run_end[idx] > idx
-                    and _state(kvm, hw) == before):
+                    and hw.log is log and _state(kvm, hw) == before):
                 _STEADY.add(before)
             last_retired = hw.retired
             exits, hw.why = [], []
