@@ -137,12 +137,12 @@ def measure(per_size: int = 60, rounds: int = 5, seed: int = 1) -> dict[int, dic
     return results
 
 
-def campaign_rate(seconds: float) -> tuple[float, float]:
-    """Executions per second and peak worker RSS of a real default campaign."""
+def campaign_rate(seconds: float, *flags: str) -> tuple[float, float]:
+    """Executions per second and peak worker RSS of a real campaign (default settings plus `flags`)."""
     with tempfile.TemporaryDirectory(prefix="stepfuzz-bench-") as tmp:
         crashes = Path(tmp) / "crashes"
         subprocess.run([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", f"{int(seconds)}s", "--seed", "1",
-                        "--corpus", str(Path(tmp) / "corpus"), "--crashes", str(crashes)],
+                        "--corpus", str(Path(tmp) / "corpus"), "--crashes", str(crashes), *flags],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         records = [json.loads(l) for l in (crashes / "stats.jsonl").read_text().splitlines()]
         workers = [json.loads(p.read_text()) for p in (crashes / ".workers").glob("*.json")]
@@ -162,6 +162,8 @@ def run(seconds: float = 30.0) -> dict:
     rate, rss = campaign_rate(seconds)
     out["fuzz_execs_per_s"] = round(rate, 1)
     out["rss_mb"] = round(rss, 1)
+    rate, _ = campaign_rate(seconds, "--no-code-coverage")
+    out["fuzz_execs_per_s_features_only"] = round(rate, 1)
     return out
 
 
@@ -175,5 +177,6 @@ def table(r: dict) -> str:
               f"all_eras_vs_raw (64 insns): {r['all_eras_vs_raw']}",
               f"scaling_256_64 (ref + 1 era): {r['scaling_256_64']}",
               f"fuzz_execs_per_s (default campaign, 1 worker): {r['fuzz_execs_per_s']}",
+              f"fuzz_execs_per_s_features_only (--no-code-coverage): {r['fuzz_execs_per_s_features_only']}",
               f"rss_mb (peak, campaign worker): {r['rss_mb']}"]
     return "\n".join(lines)

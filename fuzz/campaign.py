@@ -56,6 +56,7 @@ class Config:
     crashes: Path = Path("crashes")
     seed: int | None = None
     max_steps: int = 100
+    code_coverage: bool = True
     extra: list[str] = field(default_factory=list)
     quiet: bool = False
 
@@ -173,7 +174,8 @@ def run(cfg: Config) -> int:
         argv += [f"-jobs={cfg.jobs}", f"-workers={cfg.jobs}"]
     argv += cfg.extra
     env = {**os.environ, "STEPFUZZ_ERAS": cfg.eras, "STEPFUZZ_CRASHES": str(cfg.crashes.resolve()),
-           "STEPFUZZ_STARTED": str(started), "STEPFUZZ_MAX_STEPS": str(cfg.max_steps)}
+           "STEPFUZZ_STARTED": str(started), "STEPFUZZ_MAX_STEPS": str(cfg.max_steps),
+           "STEPFUZZ_CODE_COVERAGE": "1" if cfg.code_coverage else "0"}
     proc = subprocess.Popen(argv, cwd=logs, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True,
                             preexec_fn=_die_with_parent)

@@ -7,16 +7,15 @@ Configuration comes from the environment:
     STEPFUZZ_ERAS     era ids, comma-separated, or all (default)
     STEPFUZZ_CRASHES  crash directory (default crashes)
     STEPFUZZ_STARTED  campaign start, seconds since the epoch (for time-to-find)
+    STEPFUZZ_CODE_COVERAGE  0: guide by behaviour features only (faster)
     STEPFUZZ_MAX_STEPS  bound on max_steps of any input (default 100), so no
                       input can make one execution slow
     STEPFUZZ_ON_DIVERGENCE  record (default): keep it in the crash store and go
                       on; crash: also raise on a signature new to this process,
                       so engines that collect crashes (ClusterFuzz) see it
-A divergence never stops a local campaign.  The search is guided by
-behaviour features (fuzz/features.py): every new kind of stop, per era, is
-new coverage.  The oracle itself is not instrumented: its branch coverage
-saturates within seconds and instrumenting it would triple the cost of
-every execution.
+A divergence never stops a local campaign.  The search is guided by the
+coverage of the era models' Python code and by behaviour features
+(fuzz/features.py): every new kind of stop, per era, is new coverage.
 """
 import os
 import sys
@@ -25,6 +24,18 @@ from dataclasses import replace
 
 import atheris
 
+# Coverage: the era models' policy code (oracle/kvm/kernel.py) and the
+# behaviour features.  The guest CPU, the hardware layer, the VMM loop and the
+# comparator are imported first and so not instrumented: their branches
+# saturate at once and tracing them would multiply the cost of every
+# execution.  STEPFUZZ_CODE_COVERAGE=0 leaves only the behaviour features
+# (about twice the executions per second).
+import oracle.guest  # noqa: E402,F401
+import oracle.kvm.eras  # noqa: E402,F401
+import oracle.kvm.hardware  # noqa: E402,F401
+if os.environ.get("STEPFUZZ_CODE_COVERAGE", "1") != "0":
+    with atheris.instrument_imports(include=["oracle.kvm.kernel"]):
+        import oracle.kvm.kernel  # noqa: F401
 from oracle.kvm.eras import select
 from oracle.run import check
 from fuzz import features
