@@ -250,6 +250,33 @@ def cmd_export_corpus(args: argparse.Namespace) -> int:
     return EXIT_BAD if bad else EXIT_AGREE
 
 
+def cmd_corpus_merge(args: argparse.Namespace) -> int:
+    from .merge import corpus_merge
+    eras_arg(args.era)
+    sources = [Path(d) for d in args.dirs]
+    for d in sources:
+        if not d.is_dir():
+            fail(f"{d}: no such corpus directory")
+    try:
+        r = corpus_merge(sources, Path(args.output), args.era, args.max_steps, log=lambda m: print(m, file=sys.stderr))
+    except RuntimeError as e:
+        fail(str(e))
+    print(f"{args.output}: {r['inputs']} inputs, {r['signatures']} divergence signatures "
+          f"({r['added_for_signatures']} inputs kept for their signatures alone)")
+    return EXIT_AGREE
+
+
+def cmd_crashes_merge(args: argparse.Namespace) -> int:
+    from .merge import crashes_merge
+    sources = [Path(d) for d in args.dirs]
+    for d in sources:
+        if not d.is_dir():
+            fail(f"{d}: no such crash directory")
+    r = crashes_merge(sources, Path(args.output))
+    print(f"{args.output}: {r['signatures']} signatures ({r['merged_duplicates']} found on more than one machine)")
+    return EXIT_AGREE
+
+
 def cmd_eras(args: argparse.Namespace) -> int:
     for e in ERAS.values():
         print(f"{e.id:<9} {e.kernels}")
@@ -312,6 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--html", metavar="FILE", help="also write an HTML report")
     tr.add_argument("--kernels", help="comma-separated real kernels to replay the smallest reproducers on")
     tr.set_defaults(func=cmd_triage)
+
+    cm = sub.add_parser("corpus", help="work with corpora")
+    cmsub = cm.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
+    cmm = cmsub.add_parser("merge", help="combine and minimize corpora (libFuzzer -merge=1; resumable)")
+    cmm.add_argument("dirs", nargs="+", metavar="DIR")
+    cmm.add_argument("-o", "--output", required=True, metavar="OUT")
+    cmm.add_argument("--era", default="all", help="the eras whose behaviour counts (default all)")
+    cmm.add_argument("--max-steps", type=int, default=100)
+    cmm.set_defaults(func=cmd_corpus_merge)
+
+    cr = sub.add_parser("crashes", help="work with crash directories")
+    crsub = cr.add_subparsers(dest="crashes_command", required=True, metavar="ACTION")
+    crm = crsub.add_parser("merge", help="combine crash directories, one per signature")
+    crm.add_argument("dirs", nargs="+", metavar="DIR")
+    crm.add_argument("-o", "--output", required=True, metavar="OUT")
+    crm.set_defaults(func=cmd_crashes_merge)
 
     bn = sub.add_parser("bench", help="cost of a differential check next to raw Unicorn, and campaign speed")
     bn.add_argument("--json", action="store_true", help="one JSON object")

@@ -4,15 +4,18 @@
 Run it through `stepfuzz fuzz`, or directly with libFuzzer flags:
     fuzz/stepfuzz_fuzzer.py CORPUS_DIR -runs=1000
 Configuration comes from the environment:
-    STEPFUZZ_ERAS     era ids, comma-separated, or all (default)
+    STEPFUZZ_ERAS     era ids, comma-separated, or all (default; 6.14,arch when
+                      packed for an engine: there every finding should be news,
+                      and older eras diverge on almost every input)
     STEPFUZZ_CRASHES  crash directory (default crashes)
     STEPFUZZ_STARTED  campaign start, seconds since the epoch (for time-to-find)
     STEPFUZZ_CODE_COVERAGE  0: guide by behaviour features only (faster)
     STEPFUZZ_MAX_STEPS  bound on max_steps of any input (default 100), so no
                       input can make one execution slow
-    STEPFUZZ_ON_DIVERGENCE  record (default): keep it in the crash store and go
-                      on; crash: also raise on a signature new to this process,
-                      so engines that collect crashes (ClusterFuzz) see it
+    STEPFUZZ_ON_DIVERGENCE  record (default here): keep it in the crash store and
+                      go on; crash (default when packed by PyInstaller, as
+                      ClusterFuzzLite/OSS-Fuzz run it): raise on a signature new
+                      to this process, so the engine stores and deduplicates it
 A divergence never stops a local campaign.  The search is guided by the
 coverage of the era models' Python code and by behaviour features
 (fuzz/features.py): every new kind of stop, per era, is new coverage.
@@ -50,10 +53,25 @@ class DivergenceFound(Exception):
     """Raised (in crash mode) so that a fuzzing engine records the input."""
 
 
-ERAS = select(os.environ.get("STEPFUZZ_ERAS", "all"))
+ENGINE = bool(getattr(sys, "frozen", False))          # packed: run by ClusterFuzzLite / OSS-Fuzz
+ERAS = select(os.environ.get("STEPFUZZ_ERAS", "6.14,arch" if ENGINE else "all"))
+CRASH_MODE = os.environ.get("STEPFUZZ_ON_DIVERGENCE", "crash" if ENGINE else "record") == "crash"
+# engines keep their own crash artifacts; a local crash store only where asked for
 STORE = CrashStore(os.environ.get("STEPFUZZ_CRASHES", "crashes"),
                    started=float(os.environ.get("STEPFUZZ_STARTED", time.time())))
-CRASH_MODE = os.environ.get("STEPFUZZ_ON_DIVERGENCE", "record") == "crash"
+_RAISERS: dict[str, object] = {}
+
+
+def _raise_divergence(signature: str) -> None:
+    """Raise from a function named after the signature: engines deduplicate
+    crashes by their stack, so each signature becomes its own crash."""
+    raiser = _RAISERS.get(signature)
+    if raiser is None:
+        name = "diverges_" + "".join(ch if ch.isalnum() else "_" for ch in signature)
+        namespace = {"DivergenceFound": DivergenceFound}
+        exec(f"def {name}(signature):\n    raise DivergenceFound(signature)\n", namespace)
+        raiser = _RAISERS[signature] = namespace[name]
+    raiser(signature)
 MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", "100"))
 STATS = WorkerStats(STORE.root, STORE.started)
 
@@ -78,7 +96,7 @@ def test_one_input(data: bytes) -> None:
     STATS.tick(len(STORE.seen))
     if CRASH_MODE and new:
         STORE.flush()
-        raise DivergenceFound(", ".join(new))
+        _raise_divergence(new[0])
 
 
 def _at_exit(_arg=None) -> None:

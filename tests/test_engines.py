@@ -1,0 +1,119 @@
+"""Beyond one machine: the harness packed as ClusterFuzzLite packs it, and merging."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, REPO
+from fuzz.merge import signatures
+
+HARNESS = REPO / "fuzz" / "stepfuzz_fuzzer.py"
+COLLECT = ["--collect-all", "unicorn", "--collect-all", "capstone", "--collect-all", "keystone",
+           "--collect-all", "atheris"]
+
+
+def stepfuzz(*args, timeout=600, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory):
+    """Build the harness the way compile_python_fuzzer does: a PyInstaller
+    one-file package in $OUT plus a wrapper script named after the fuzzer."""
+    if shutil.which("pyinstaller") is None:
+        pytest.skip("pyinstaller is not installed (pip install -e '.[test]')")
+    out = tmp_path_factory.mktemp("out")
+    work = tmp_path_factory.mktemp("work")
+    p = subprocess.run(["pyinstaller", "--distpath", str(out), "--workpath", str(work), "--specpath", str(work),
+                        "--onefile", "--name", "stepfuzz_fuzzer.pkg", *COLLECT, str(HARNESS)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    wrapper = out / "stepfuzz_fuzzer"
+    wrapper.write_text('#!/bin/sh\n# LLVMFuzzerTestOneInput for fuzzer detection.\n'
+                       'this_dir=$(dirname "$0")\nexec "$this_dir/stepfuzz_fuzzer.pkg" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_clusterfuzzlite_layout():
+    cfl = REPO / ".clusterfuzzlite"
+    assert (cfl / "project.yaml").read_text().strip() == "language: python"
+    assert "base-builder-python" in (cfl / "Dockerfile").read_text()
+    build = (cfl / "build.sh").read_text()
+    assert "compile_python_fuzzer" in build and "*_fuzzer.py" in build and "pip3 install ." in build
+    for flag in COLLECT[1::2]:
+        assert f"--collect-all {flag}" in build
+    workflows = {p.name: p.read_text() for p in (REPO / ".github" / "workflows").glob("cflite_*.yml")}
+    modes = {m for text in workflows.values() for m in re.findall(r"mode: (\S+)", text)}
+    assert modes == {"code-change", "batch", "prune", "coverage"}
+    assert all("language: python" in t for t in workflows.values())
+
+
+def test_packed_fuzzer_uses_the_corpus_and_leaves_a_divergence_artifact(packed, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json", corpus)
+    env = {"PATH": "/usr/bin:/bin", "STEPFUZZ_ERAS": "6.1", "HOME": str(tmp_path)}
+    p = subprocess.run([str(packed), str(corpus), "-runs=200", f"-artifact_prefix={tmp_path}/"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    output = p.stdout + p.stderr
+    assert "1 files found" in output, output[-2000:]
+    assert p.returncode != 0 and "DivergenceFound: 6.1/multi-step/immediate-exit+mmio" in output
+    assert "diverges_6_1_multi_step_immediate_exit_mmio" in output      # the engine's dedup key
+    (artifact,) = tmp_path.glob("crash-*")
+    assert json.loads(artifact.read_text())["code"]["asm"].startswith("nop")
+
+
+def test_packed_fuzzer_defaults_to_current_kernels_and_keeps_going(packed, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(CORPUS, corpus)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    p = subprocess.run([str(packed), str(corpus), "-runs=300", "-seed=3", f"-artifact_prefix={tmp_path}/"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    # 6.14 and arch agree with the ideal stepper on everything: no finding
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Done 300 runs" in p.stderr and not list(tmp_path.glob("crash-*"))
+
+
+def _features(dirs, tmp_path) -> int:
+    from fuzz.campaign import harness_launcher
+    p = subprocess.run([str(harness_launcher()), "-runs=0", "-max_len=4096", *map(str, dirs)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**__import__("os").environ, "STEPFUZZ_CRASHES": str(tmp_path / "ignored")})
+    return int(re.search(r"INITED .*?ft: (\d+)", p.stderr).group(1))
+
+
+def test_corpus_merge_loses_no_signature_and_no_feature(tmp_path):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    for d, seed in ((a, 1), (b, 2)):
+        p = stepfuzz("fuzz", "--runs", "300", "--seed", seed, "--corpus", d, "--crashes", tmp_path / f"c{seed}")
+        assert p.returncode == 0, p.stderr[-2000:]
+    p = stepfuzz("corpus", "merge", a, b, "-o", out)
+    assert p.returncode == 0, p.stderr
+    sigs = lambda d: set().union(*(signatures(f, "all", 100) for f in d.iterdir() if f.is_file()))
+    assert sigs(a) | sigs(b) <= sigs(out)
+    assert len(list(out.iterdir())) <= len(list(a.iterdir())) + len(list(b.iterdir()))
+    assert _features([out], tmp_path) >= _features([a, b], tmp_path)
+    assert not (out / ".merge_control").exists()
+
+
+def test_crashes_merge_keeps_every_signature_once(tmp_path):
+    dirs = []
+    for seed in (1, 2):
+        c = tmp_path / f"c{seed}"
+        assert stepfuzz("fuzz", "--runs", "200", "--seed", seed, "--corpus", tmp_path / f"k{seed}",
+                        "--crashes", c).returncode == 0
+        dirs.append(c)
+    p = stepfuzz("crashes", "merge", *dirs, "-o", tmp_path / "all")
+    assert p.returncode == 0, p.stderr
+    sig = lambda d: {json.loads(f.read_text())["signature"]: json.loads(f.read_text()) for f in d.glob("*/divergence.json")}
+    merged = sig(tmp_path / "all")
+    assert set(merged) == set(sig(dirs[0])) | set(sig(dirs[1]))
+    both = set(sig(dirs[0])) & set(sig(dirs[1]))
+    for s in both:
+        assert merged[s]["count"] == sig(dirs[0])[s]["count"] + sig(dirs[1])[s]["count"]
