@@ -51,6 +51,8 @@ def _key(era: str, why: tuple[str, ...], steps: int, isv: int) -> int:
     k = (era, why, steps, isv)
     h = _KEYS.get(k)
     if h is None:
+        if len(_KEYS) > 100_000:      # a cache: keep memory bounded in long campaigns
+            _KEYS.clear()
         h = _KEYS[k] = zlib.crc32(f"{era}|{'+'.join(sorted(set(why)))}|{min(steps, 3)}|{isv}".encode())
     return h
 

@@ -33,6 +33,7 @@ from .isa import DBGREG, MEM, STORE_EXCLUSIVE, address, decode
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM
 ARENA_SIZE = MAX_RAM + 2 * PAGE
 SUBPAGE = 0x400                   # Unicorn's TLB granule on AArch64
+TCG_BUFFER = 32 << 20             # Unicorn's translation buffer
 B_SELF = 0x14000000               # `b .`: what follows every program
 PSTATE_RESET = 0x3C5
 EXCP_HVC = 11                     # QEMU's exception number for HVC
@@ -185,6 +186,10 @@ class Machine:
 
     def __init__(self) -> None:
         uc = self.uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+        # Every case is fresh code; stale translations are only reclaimed when
+        # the translation buffer fills.  Unicorn's default buffer (1 GiB) lets
+        # a long campaign's RSS grow by that much; a small one caps it.
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
         self.regs = _Regs(uc)
         uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         uc.mem_map(ARENA, ARENA_SIZE)
