@@ -25,7 +25,7 @@ from oracle.run import Result
 
 from .report import result_table
 
-FLUSH_EVERY_S = 2.0
+FLUSH_EVERY_S = 10.0
 
 
 def now_iso() -> str:
