@@ -29,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
-from unicorn import arm64_const as A
 
 from oracle.case import Case
 from oracle.compare import compare

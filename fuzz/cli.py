@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from oracle.case import Case, CaseError, load_case
 from oracle.kvm.eras import ERAS, UnknownEra, select
@@ -12,7 +13,7 @@ from oracle.kvm.eras import ERAS, UnknownEra, select
 EXIT_AGREE, EXIT_DIVERGED, EXIT_BAD = 0, 1, 2
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     print(f"stepfuzz: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_BAD)
 

@@ -105,7 +105,7 @@ def table(seeds: list[int], limit_s: float, log=lambda *a: None) -> str:
         execs = statistics.median([h[1] for h in hits] + [float("inf")] * missing)
         return f"{secs:.2f} s, {execs:.0f} execs ({len(hits)}/{len(results)})"
 
-    lines = [f"| class | with coverage feedback | generator alone |", "|---|---|---|"]
+    lines = ["| class | with coverage feedback | generator alone |", "|---|---|---|"]
     for c in CLASSES:
         lines.append(f"| {c} | {cell(runs['feedback'], c)} | {cell(runs['none'], c)} |")
     return "\n".join(lines)

@@ -99,13 +99,13 @@ def _load_store(w: int) -> Insn:
             (w & 0x3B200000) == 0x38000000 and ((w >> 10) & 3) in (0, 2)) or (
             (w & 0x3B200C00) == 0x38200800):
         # unsigned offset, unscaled, unprivileged or register offset: single
-        # register, no writeback -> valid syndrome for general registers
-        return _single(w, size, (w >> 22) & 3, not v)
+        # register, no writeback -> valid syndrome
+        return _single(w, size, (w >> 22) & 3)
     if (w & 0x3B000000) == 0x18000000:            # load literal
         opc = size
         if opc == 3:
             return _PLAIN                          # PRFM (literal): no access
-        return Insn(MEM, iss=not v, size=4 << (opc & 1) if opc < 2 else 4, rt=w & 31,
+        return Insn(MEM, iss=True, size=4 << (opc & 1) if opc < 2 else 4, rt=w & 31,
                     signed=opc == 2, sf=opc != 0)
     if (w & 0x3FA00000) == 0x08800000:            # load-acquire / store-release, single register
         write = not (w >> 22) & 1
@@ -115,15 +115,14 @@ def _load_store(w: int) -> Insn:
     return Insn(MEM, iss=False, write=write, size=1 << size, rt=w & 31, load_exclusive=load_excl)
 
 
-def _single(w: int, size: int, opc: int, gpr: bool) -> Insn:
+def _single(w: int, size: int, opc: int) -> Insn:
+    """A general register load/store: the syndrome is valid."""
     nbytes = 1 << size
     rt = w & 31
     if opc == 0:
-        return Insn(MEM, iss=gpr, write=True, size=nbytes, rt=rt, sf=size == 3)
+        return Insn(MEM, iss=True, write=True, size=nbytes, rt=rt, sf=size == 3)
     if opc == 1:
-        return Insn(MEM, iss=gpr, size=nbytes, rt=rt, sf=size == 3)
-    if not gpr:                                    # SIMD&FP 128-bit forms
-        return Insn(MEM, iss=False, write=opc == 2, size=16, rt=rt)
+        return Insn(MEM, iss=True, size=nbytes, rt=rt, sf=size == 3)
     if opc == 2:
         if size == 3:
             return _PLAIN                          # PRFM / PRFUM: a hint, no access

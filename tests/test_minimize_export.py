@@ -13,7 +13,7 @@ from fuzz import insns as I
 from fuzz.crashes import CrashStore
 from fuzz.export import c_comment, c_string, selftest, standalone
 from fuzz.minimize import minimize
-from oracle.case import load_case, parse_case
+from oracle.case import load_case
 from oracle.kvm.eras import ERAS, select
 from oracle.run import check
 

@@ -7,17 +7,16 @@ fail.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import CODE, CORPUS, MMIO, REPO, make, unavailable
+from conftest import CODE, CORPUS, MMIO, REPO, make
 from oracle.case import load_case, parse_case
 from oracle.guest import execute
-from oracle.realkvm import RealKvmError, kernels
+from oracle.realkvm import kernels
 from oracle.realkvm.batch import Parser, RealTrace, difference, encode, infer_steps
 from oracle.trace import HSR_NOT_STEPPED, HSR_STEPPED, Exit, Stop, Trace
 

@@ -6,13 +6,12 @@ the newest kernel.  Cases whose divergence needs an event a VMM cannot time
 (a host interrupt, a signal during exit handling) lose that event in export;
 their reproducers check the ideal stops and pass everywhere.
 """
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CORPUS, REPO, unavailable
+from conftest import CORPUS, REPO
 from oracle.case import load_case
 from oracle.realkvm import kernels as K
 

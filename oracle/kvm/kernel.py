@@ -133,7 +133,6 @@ class Kvm:
     # ------------------------------------------------------------ handle_exit.c
 
     def handle_exit(self, exit: HwExit) -> int | str:
-        hw = self.hw
         if exit.kind == ENDING:
             self.ending = exit.detail
             return GUEST_ENDED
