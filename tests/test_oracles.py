@@ -133,3 +133,19 @@ def test_fast_forward_changes_no_trace(monkeypatch):
     warm = traces()                    # learned
     monkeypatch.setattr(vmm, "FAST_FORWARD", False)
     assert traces() == cold == warm
+
+
+def test_stopping_at_the_first_divergence_gives_the_same_divergence(monkeypatch):
+    """Campaigns stop each model at its first differing stop; the divergence
+    (kind, stop, signature, both stops) must be the one the full trace gives."""
+    from fuzz.generate import generate
+    import fuzz.mutate as mutate
+    monkeypatch.setattr(mutate, "BYTE_LEVEL_SHARE", 0.0)
+    rnd = random.Random(9)
+    cases = [generate(rnd) for _ in range(200)] + [load_case(p) for p in CORPUS_FILES]
+    cases += [mutate.mutate_case(rnd, rnd.choice(cases)) for _ in range(200)]
+    eras = select("all")
+    for c in cases:
+        full = [r.divergence.to_json() if r.divergence else None for r in check(c, eras)]
+        early = [r.divergence.to_json() if r.divergence else None for r in check(c, eras, True)]
+        assert early == full

@@ -15,6 +15,7 @@ from .hardware import GuestHw
 from .kernel import EINTR, ENOSYS, EXIT_DEBUG, EXIT_MMIO, GUEST_ENDED, Kvm
 
 STUCK = "stuck"           # the model made no progress for too long (never expected)
+DIVERGED = "diverged"     # stopped at its first stop that differs from the reference (on request)
 PLAIN_WHY = (DONE_NATIVE,)
 
 # Model states (per era) from which one plain instruction -- no trap, no
@@ -57,7 +58,10 @@ def _plain(log: ExecLog, timed: set[int]) -> _Plain:
     return cached
 
 
-def model_trace(era: Era, log: ExecLog) -> Trace:
+def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Trace:
+    """The era's trace of the execution in `log`.  With `stop_at` (the
+    reference's stop PCs) the run ends at the first stop that differs from
+    them: all a signature needs, for a fraction of the cost."""
     case = log.case
     hw = GuestHw(log)
     kvm = Kvm(era, hw)
@@ -107,6 +111,13 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
             if (before is not None and stop.hsr == HSR_STEPPED and stop.why == PLAIN_WHY and not stop.exits
                     and hw.log is log and _state(kvm, hw) == before):
                 _STEADY.add(before)
+            if stop_at is not None:
+                i = len(stops) - 1
+                if stop.steps != 1 or i >= len(stop_at) or stop.pc != stop_at[i]:
+                    while len(skipped) < len(hw.skipped):
+                        skipped.append((len(stops) - 1, hw.skipped[len(skipped)]))
+                    outcome, detail = DIVERGED, ""
+                    break
             last_retired = hw.retired
             exits, hw.why = [], []
             next_run = after_stop.get(len(stops), [])
@@ -132,7 +143,7 @@ def model_trace(era: Era, log: ExecLog) -> Trace:
             outcome, detail = kvm.ending, hw.log.detail
             break
     trace = Trace(stops, outcome, detail, tuple(exits), tuple(hw.why), skipped)
-    if hw.log is not log:
+    if hw.log is not log and outcome != DIVERGED:
         trace.final_regs = hw.log.final_regs()
     return trace
 
