@@ -249,10 +249,14 @@ SELFTEST = r'''// SPDX-License-Identifier: GPL-2.0-only
  * page tables map each region at the same virtual address onto guest
  * physical memory above 4 GiB, clear of the library's own memslot, so the
  * guest sees the same addresses and stops at the same PCs.  In-kernel MMIO
- * regions become userspace MMIO (no vGIC is created).  Events that a VMM
- * cannot time (host interrupts, a signal during exit handling) are left out.
+ * regions become userspace MMIO (the test creates no vGIC; a library that
+ * gives every VM one puts it below 4 GiB).  Events that a VMM cannot time
+ * (host interrupts, a signal during exit handling) are left out.
  *
- * Put it in tools/testing/selftests/kvm/arm64/ and add it to TEST_GEN_PROGS_arm64.
+ * Put it in tools/testing/selftests/kvm/arm64/ and add it to TEST_GEN_PROGS_arm64
+ * (aarch64/ and TEST_GEN_PROGS_aarch64 before 6.14).  Build it in the tree of
+ * the kernel it tests: the library of 6.8 and later needs
+ * KVM_SET_USER_MEMORY_REGION2, so it cannot test older kernels.
  */
 #include <signal.h>
 #include <string.h>
@@ -291,6 +295,15 @@ static const struct sf_case cases[] = {
 
 static void on_usr1(int sig)
 {
+}
+
+/* __vcpu_get_reg() reads the same in every library; vcpu_get_reg() took an out-parameter up to 6.12. */
+static uint64_t get_pc(struct kvm_vcpu *vcpu)
+{
+	uint64_t pc;
+
+	TEST_ASSERT(!__vcpu_get_reg(vcpu, ARM64_CORE_REG(regs.pc), &pc), "KVM_GET_ONE_REG(pc) failed");
+	return pc;
 }
 
 static int pending_for(const struct sf_case *c, int when, uint64_t n)
@@ -381,7 +394,7 @@ static void run_case(const struct sf_case *c)
 			continue;
 		TEST_ASSERT(run->exit_reason == KVM_EXIT_DEBUG, "%s: unexpected exit %u", c->name, run->exit_reason);
 
-		uint64_t pc = vcpu_get_reg(vcpu, ARM64_CORE_REG(regs.pc));
+		uint64_t pc = get_pc(vcpu);
 
 		TEST_ASSERT(stops < c->nexpected, "%s: extra stop at pc 0x%lx", c->name, pc);
 		TEST_ASSERT(pc == c->expected[stops],
