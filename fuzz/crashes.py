@@ -28,8 +28,8 @@ from .report import result_table
 FLUSH_EVERY_S = 10.0
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def now_iso(t: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -52,7 +52,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 @dataclass
 class _Pending:
     count: int = 0
-    last_seen: str = ""
+    last_seen: float = 0.0        # seconds since the epoch (formatted when flushed)
     best: Result | None = None
 
 
@@ -87,7 +87,7 @@ class CrashStore:
                 return True           # counted as 1 on creation
         p = self.pending.setdefault(sid, _Pending())
         p.count += 1
-        p.last_seen = now_iso()
+        p.last_seen = time.time()
         if not new and (p.best is None or len(r.case.words) < len(p.best.case.words)):
             p.best = r
         if time.monotonic() - self.last_flush > FLUSH_EVERY_S:
@@ -132,7 +132,7 @@ class CrashStore:
                 if info is None:
                     continue
                 info["count"] = info.get("count", 0) + p.count
-                info["last_seen"] = max(info.get("last_seen", ""), p.last_seen)
+                info["last_seen"] = max(info.get("last_seen", ""), now_iso(p.last_seen))
                 if p.best is not None and len(p.best.case.words) < info.get("case_insns", 1 << 30):
                     self._write_case(path, p.best)
                     info["case_insns"] = len(p.best.case.words)

@@ -125,11 +125,18 @@ def _normalise(regions: list[Region], base: int, words: list[int]) -> tuple[list
 
 
 def _free_default(kept: list[Region], ram: int) -> Region:
-    """A code region that fits: the default one, else the first free 64 KiB slot."""
+    """A code region that fits: the default one, else the first free 64 KiB
+    slot above it (jumping past each region in the way: a decoded region may
+    span most of the address space).  With no slot left, the regions in the
+    default place give way to the code."""
     size = DEFAULT_CODE.size if ram + DEFAULT_CODE.size <= MAX_RAM else PAGE
     addr = DEFAULT_CODE.base
-    while any(addr < k.end and k.base < addr + size for k in kept):
-        addr += 0x10000
+    for k in sorted(kept, key=lambda k: k.base):
+        if addr < k.end and k.base < addr + size:
+            addr = -(-k.end // 0x10000) * 0x10000
+    if addr + size > IPA_LIMIT:
+        addr = DEFAULT_CODE.base
+        kept[:] = [k for k in kept if not (addr < k.end and k.base < addr + size)]
     return Region(addr, size, "ram", True)
 
 

@@ -117,6 +117,12 @@ class ExecLog:
         """Number of instructions that completed."""
         return len(self.pcs) - 1
 
+    @cached_property
+    def load_exclusive_pcs(self) -> frozenset[int]:
+        """Addresses of the case's load-exclusive instructions (their step syndrome says so)."""
+        case = self.case
+        return frozenset(case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive)
+
     def final_regs(self) -> dict[str, int]:
         """x0-x30 and sp when the run ended (re-executes the case: rarely needed)."""
         if self._regs is None:

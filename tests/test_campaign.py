@@ -13,9 +13,9 @@ import pytest
 from conftest import CORPUS
 import fuzz.mutate as mutate
 from fuzz.crashes import CrashStore
-from fuzz.encoding import EVENT_KINDS, NotACase, decode, decode_input, encode
+from fuzz.encoding import EVENT_KINDS, MAGIC, NotACase, decode, decode_input, encode
 from fuzz.generate import generate
-from oracle.case import load_case, parse_case
+from oracle.case import IPA_LIMIT, PAGE, load_case, parse_case
 from oracle.kvm.eras import select
 from oracle.run import check
 
@@ -33,6 +33,19 @@ def test_every_byte_string_decodes_to_a_valid_case():
         data = bytes(rnd.getrandbits(8) for _ in range(rnd.choice((0, 1, 7, 40, 300))))
         case = decode(data)
         parse_case(case.to_json())          # valid by the case format's own checks
+
+
+def test_code_finds_room_beside_regions_that_span_the_address_space():
+    # one mmio region from 96 KiB up to 64 KiB below the top, then one over everything:
+    # the code goes above the first, and displaces the second
+    pages = IPA_LIMIT // PAGE
+    for first, count, placed in ((0x18, pages - 0x18 - 0x10, IPA_LIMIT - 0x10000), (0, pages, 0x10000)):
+        data = MAGIC + bytes([1, 1]) + first.to_bytes(4, "little") + (count - 1).to_bytes(4, "little")
+        case = decode(data)
+        parse_case(case.to_json())
+        assert case.base == placed
+        code = next(r for r in case.memory if r.base <= case.base < r.end)
+        assert code.kind == "ram" and all(r is code or r.end <= code.base or r.base >= code.end for r in case.memory)
 
 
 def test_every_case_encodes_back():

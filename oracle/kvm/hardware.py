@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 from ..case import Case
 from ..guest import END, MAX_STEPS, ExecLog, Special, execute
-from ..isa import decode
 from ..trace import DONE_EMULATED, DONE_HVC, DONE_NATIVE, HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED
 from ..guest import Access
 
@@ -56,8 +55,6 @@ class GuestHw:
         self.skipped: list[int] = []  # PCs skipped without running
         self.entry_pc = self.pc
         self.why: list[str] = []      # events seen since the last stop (for signatures)
-        case = log.case
-        self.load_exclusive_pcs = {case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive}
 
     # ------------------------------------------------------------ entry
 
@@ -131,7 +128,7 @@ class GuestHw:
             self.irq_armed = True
 
     def _is_load_exclusive(self, idx: int) -> bool:
-        return self.log.pcs[idx] in self.load_exclusive_pcs
+        return self.log.pcs[idx] in self.log.load_exclusive_pcs
 
     # ------------------------------------------------------------ KVM's side
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import bisect
 
 from ..guest import END, MAX_STEPS, ExecLog
-from ..isa import decode
 from ..trace import DONE_NATIVE, HSR_STEPPED, Exit, Stop, Trace
 from .eras import Era
 from .hardware import GuestHw
@@ -38,7 +37,7 @@ class _Plain:
 
     def __init__(self, log: ExecLog, timed: set[int]):
         case, n, pcs = log.case, log.n, log.pcs
-        odd = {case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive}
+        odd = log.load_exclusive_pcs
         specials = log.specials
         self.ideal = [Stop(pc, 1, HSR_STEPPED, (), PLAIN_WHY) for pc in pcs[1:n + 1]]
         # run_end[i]: the first index >= i that the full loop must handle
