@@ -84,7 +84,8 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
     stops = model.stops
     plain = getattr(log, "_plain", None)
     ideal = plain.ideal if plain is not None else ()
-    for i, (pc, got) in enumerate(zip(ref.pcs, stops)):
+    for i in range(model.agreed, min(len(ref.pcs), len(stops))):
+        pc, got = ref.pcs[i], stops[i]
         if (i < len(ideal) and got is ideal[i]) or (got.steps == 1 and got.pc == pc):
             continue
         if skipped_before and skipped_before[0] <= i:

@@ -53,6 +53,7 @@ class Trace:
     tail_why: tuple[str, ...] = ()     # what happened after the last stop
     skipped: list[tuple[int, int]] = field(default_factory=list)   # (stop index, pc) never executed
     final_regs: dict[str, int] | None = None
+    agreed: int = 0                    # leading stops known to match the reference (checked as they came)
 
 
 @dataclass

@@ -142,6 +142,8 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
             outcome, detail = kvm.ending, hw.log.detail
             break
     trace = Trace(stops, outcome, detail, tuple(exits), tuple(hw.why), skipped)
+    if stop_at is not None:       # every stop was checked on arrival (fast-forwarded ones are ideal)
+        trace.agreed = len(stops) - 1 if outcome == DIVERGED else len(stops)
     if hw.log is not log and outcome != DIVERGED:
         trace.final_regs = hw.log.final_regs()
     return trace

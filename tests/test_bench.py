@@ -1,0 +1,26 @@
+"""The benchmark measures what it says (its figures are for people; no timing is asserted)."""
+from fuzz.bench import SIZES, bench_cases, campaign_rate, measure, table
+from oracle.guest import END, execute
+
+
+def test_bench_cases_have_the_length_and_mix_they_claim():
+    for n in SIZES:
+        cases = bench_cases(n, 20, seed=n)
+        assert all(len(c.words) == n for c in cases)
+        logs = [execute(c) for c in cases]
+        assert all(log.outcome == END and log.n >= 0.75 * n for log in logs)   # runs to the end (branches skip a few)
+        traps = sum(len(log.specials) for log in logs) / sum(log.n for log in logs)
+        assert 0.03 < traps < 0.3, traps
+        assert any(c.events for c in cases)
+
+
+def test_every_variant_and_the_campaign_are_measured(tmp_path):
+    t = measure(per_size=2, rounds=1)
+    assert set(t) == set(SIZES)
+    assert all(set(row) == {"raw", "reference", "ref+1 era", "ref+all eras"} and min(row.values()) > 0
+               for row in t.values())
+    rate, rss = campaign_rate(4)
+    assert rate > 0 and rss > 0
+    result = {"us_per_case": {str(n): row for n, row in t.items()}, "diff_vs_raw": 1, "all_eras_vs_raw": 1,
+              "scaling_256_64": 1, "fuzz_execs_per_s": rate, "rss_mb": rss, "fuzz_execs_per_s_features_only": rate}
+    assert table(result).count("\n| ") == len(SIZES)          # one row per size
