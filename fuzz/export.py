@@ -17,7 +17,7 @@ go through `c_comment`/`c_string`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from oracle.asm import disasm
@@ -62,6 +62,11 @@ class Expectation:
     dropped: list[str]          # events a VMM cannot reproduce
 
 
+def as_reproduced(case: Case) -> Case:
+    """The case a reproducer runs: without the events a VMM cannot time."""
+    return replace(case, events=tuple(e for e in case.events if e.when not in TIMED))
+
+
 def expectation(case: Case) -> Expectation:
     log = execute(case)
     ref = reference(log)
@@ -84,7 +89,7 @@ def _words_c(case: Case, indent: str) -> str:
 def _events(case: Case) -> list[tuple[str, int, str]]:
     kinds = {"immediate-exit": "DO_IMMEDIATE", "signal": "DO_SIGNAL", "preempt": "DO_PREEMPT"}
     return [("EV_MMIO" if e.when == "mmio-exit" else "EV_STOP", e.at, kinds[e.what])
-            for e in case.events if e.when not in TIMED]
+            for e in as_reproduced(case).events]
 
 
 def _case_table(exps: list[Expectation]) -> str:
