@@ -135,8 +135,8 @@ class CrashStore:
                 info["last_seen"] = max(info.get("last_seen", ""), now_iso(p.last_seen))
                 if p.best is not None and len(p.best.case.words) < info.get("case_insns", 1 << 30):
                     self._write_case(path, p.best)
+                    info.update(p.best.divergence.to_json())      # the stop as this case shows it
                     info["case_insns"] = len(p.best.case.words)
-                    info["stop"] = p.best.divergence.stop
                 write_atomic(path / "divergence.json", json.dumps(info, indent=2) + "\n")
         self.pending.clear()
 

@@ -92,7 +92,7 @@ def crashes_merge(sources: list[Path], out: Path) -> dict:
                 for name in ("case.json", "report.txt", "minimized.json"):
                     if (d / name).exists():
                         shutil.copy2(d / name, dest / name)
-                mine["case_insns"] = info["case_insns"]
+                mine.update({k: info[k] for k in ("case_insns", "stop", "expected", "got") if k in info})
             write_atomic(dest / "divergence.json", json.dumps(mine, indent=2) + "\n")
     total = sum(1 for d in out.iterdir() if (d / "divergence.json").exists())
     return {"signatures": total, "merged_duplicates": merged}

@@ -5,7 +5,7 @@ import hashlib
 from dataclasses import dataclass
 
 from .guest import ExecLog
-from .trace import RefTrace, Stop, Trace
+from .trace import HSR_STEPPED, RefTrace, Stop, Trace
 TRAPS = ("mmio", "mmio-kernel", "dbgreg", "hvc", "stage2-fetch", "stage2-data")
 HARMLESS = ("irq",)      # an interrupt taken while the step is active-not-pending
 
@@ -96,7 +96,7 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
             kind = MULTI_STEP
         else:
             kind = PC_MISMATCH
-        return Divergence(era, kind, i, _cause(got.why), Stop(pc, 1, 0), got)
+        return Divergence(era, kind, i, _cause(got.why), Stop(pc, 1, HSR_STEPPED), got)
     n = min(len(ref.pcs), len(stops))
     if len(stops) != len(ref.pcs):
         if len(stops) > n:
@@ -105,7 +105,7 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
             kind = ZERO_STEP if got.steps == 0 else MULTI_STEP if got.steps > 1 else EXTRA_STOP
             return Divergence(era, kind, n, _cause(got.why), None, got)
         return Divergence(era, MISSING_STOP, n, _cause(model.tail_why + (model.outcome,)),
-                          Stop(ref.pcs[n], 1, 0), None, detail=model.detail)
+                          Stop(ref.pcs[n], 1, HSR_STEPPED), None, detail=model.detail)
     if model.outcome != ref.outcome:
         return Divergence(era, OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
                           detail=model.detail)

@@ -110,6 +110,9 @@ def test_crash_store_dedups_across_workers_and_keeps_the_smallest(tmp_path):
     info = json.loads((d / "divergence.json").read_text())
     assert info["count"] == 3 and info["signature"] == "6.1/multi-step/immediate-exit+mmio"
     assert info["case_insns"] == 2 and load_case(d / "case.json").words == small.words
+    shown = {k: rs.divergence.to_json()[k] for k in ("stop", "expected", "got")}
+    assert shown != {k: rb.divergence.to_json()[k] for k in shown}       # the two cases diverge at different stops
+    assert {k: info[k] for k in shown} == shown                          # the record describes the kept case
     assert "<< multi-step" in (d / "report.txt").read_text()
     assert not list(d.glob(".*.tmp"))
 

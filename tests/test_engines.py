@@ -9,6 +9,9 @@ import pytest
 
 from conftest import CORPUS, REPO
 from fuzz.merge import signatures
+from oracle.case import load_case
+from oracle.kvm.eras import select
+from oracle.run import check
 
 HARNESS = REPO / "fuzz" / "stepfuzz_fuzzer.py"
 COLLECT = ["--collect-all", "unicorn", "--collect-all", "capstone", "--collect-all", "keystone",
@@ -116,3 +119,9 @@ def test_crashes_merge_keeps_every_signature_once(tmp_path):
     both = set(sig(dirs[0])) & set(sig(dirs[1]))
     for s in both:
         assert merged[s]["count"] == sig(dirs[0])[s]["count"] + sig(dirs[1])[s]["count"]
+    for d in (tmp_path / "all").iterdir():          # each record describes the case kept beside it
+        if (d / "divergence.json").exists():
+            info = json.loads((d / "divergence.json").read_text())
+            (r,) = check(load_case(d / "case.json"), select(info["era"]))
+            assert {k: info[k] for k in ("signature", "stop", "expected", "got")} == \
+                   {k: r.divergence.to_json()[k] for k in ("signature", "stop", "expected", "got")}
