@@ -153,10 +153,11 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     from .report import readable
     target = Path(args.target)
     if target.is_dir():
+        dirs = [target] if (target / "divergence.json").exists() else sorted(target.iterdir())
         jobs = [(d / "case.json", d.name, (read_json(d / "divergence.json") or {}).get("era"), d / "minimized.json")
-                for d in sorted(target.iterdir()) if (d / "divergence.json").exists()]
+                for d in dirs if (d / "divergence.json").exists()]
         if not jobs:
-            fail(f"{target}: no crash directories (*/divergence.json) in it")
+            fail(f"{target}: neither a crash directory nor a directory of them (*/divergence.json)")
     else:
         if not args.era:
             fail("--era is needed for a single case")

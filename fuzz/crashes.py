@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from oracle.case import Case
-from oracle.run import Result
+from oracle.run import Result, check
 
 from .report import result_table
 
@@ -116,9 +116,11 @@ class CrashStore:
         case = r.case.to_json() if r.case.asm is None else r.case.with_words().to_json()
         case["name"] = d.title
         write_atomic(path / "case.json", json.dumps(case, indent=2) + "\n")
-        replay = f"stepfuzz run {path / 'case.json'} --era {r.era.id}"
+        # relative: the directory may be moved or merged into another
+        replay = f"stepfuzz run case.json --era {r.era.id}   (in this directory)"
+        (whole,) = check(r.case, [r.era])     # campaigns stop a model at its divergence: show all of it
         write_atomic(path / "report.txt", f"{d.title}\nsignature: {d.signature}\nreplay: {replay}\n\n"
-                     + result_table(r, "case.json") + "\n")
+                     + result_table(whole, "case.json") + "\n")
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()

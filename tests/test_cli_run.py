@@ -68,3 +68,14 @@ def test_directories_and_eras_listing():
     assert p.returncode == 0
     for era in ("4.14", "4.15", "rfc-2018", "5.0", "5.10", "5.11", "5.13", "6.1", "6.14", "arch"):
         assert f"\n{era} " in "\n" + p.stdout
+
+
+def test_the_shipped_crash_example_replays_to_its_signature():
+    examples = sorted((CORPUS.parent / "crashes" / "examples").glob("*/divergence.json"))
+    assert examples
+    for info_path in examples:
+        info = json.loads(info_path.read_text())
+        for case in ("case.json", "minimized.json"):
+            p = stepfuzz("run", info_path.parent / case, "--era", info["era"], "--json")
+            assert p.returncode == 1, p.stderr
+            assert json.loads(p.stdout)["divergence"]["signature"] == info["signature"]

@@ -68,9 +68,15 @@ def test_minimize_command_on_a_case_and_on_a_crash_directory(tmp_path):
             if r.divergence:
                 store.record(r)
     store.flush()
-    p = stepfuzz("minimize", crashes)
+    one = sorted(crashes.glob("*/divergence.json"))[0].parent
+    p = stepfuzz("minimize", one)                                 # one crash directory
+    assert p.returncode == 0, p.stderr
+    assert [m.parent for m in crashes.glob("*/minimized.json")] == [one]
+    p = stepfuzz("minimize", crashes)                             # all of them
     assert p.returncode == 0, p.stderr
     assert len(list(crashes.glob("*/minimized.json"))) == len(list(crashes.glob("*/divergence.json")))
+    p = stepfuzz("minimize", tmp_path)
+    assert p.returncode == 2 and "neither a crash directory nor a directory of them" in p.stderr
 
 
 def test_triage_groups_signatures_by_root_cause(tmp_path):

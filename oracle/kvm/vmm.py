@@ -116,6 +116,7 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
                     while len(skipped) < len(hw.skipped):
                         skipped.append((len(stops) - 1, hw.skipped[len(skipped)]))
                     outcome, detail = DIVERGED, ""
+                    exits, hw.why = [], []        # they belong to this stop, not to a tail
                     break
             last_retired = hw.retired
             exits, hw.why = [], []
