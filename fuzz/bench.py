@@ -10,8 +10,10 @@ the hypervisor, a few events), each case's best time of five rounds:
                hooks HVC stops Unicorn, and QEMU flushes every translation
                when a debug register is written
     reference  the guest CPU (Unicorn + hooks) and the ideal trace
-    ref+1 era  plus one era model (6.1) and the comparison
-    ref+all    plus every era model
+    ref+1 era  plus one era model (6.1) and the comparison: oracle.run.check
+               as campaigns call it (each model stops at its first divergence,
+               which is all a divergence needs)
+    ref+all    the same with every era model
 
 Then a real single-worker campaign runs for a while on default settings
 for executions per second and peak RSS.
@@ -31,12 +33,11 @@ from pathlib import Path
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 
 from oracle.case import Case
-from oracle.compare import compare
 from oracle.guest import END, REG_IDS, _Regs, execute
 from oracle.isa import DBGREG, HVC, decode
 from oracle.kvm.eras import ERAS, select
-from oracle.kvm.vmm import model_trace
 from oracle.reference import reference
+from oracle.run import check
 
 from . import generate as G
 
@@ -99,21 +100,17 @@ class Raw:
 
 
 def _variants(raw: Raw):
-    era = ERAS["6.1"]
+    era = [ERAS["6.1"]]
     all_eras = select("all")
 
     def reference_only(c):
         reference(execute(c))
 
     def one_era(c):
-        log = execute(c)
-        compare(reference(log), model_trace(era, log), era.id, log)
+        check(c, era, first_divergence_only=True)
 
     def every_era(c):
-        log = execute(c)
-        ref = reference(log)
-        for e in all_eras:
-            compare(ref, model_trace(e, log), e.id, log)
+        check(c, all_eras, first_divergence_only=True)
 
     return {"raw": raw.run, "reference": reference_only, "ref+1 era": one_era, "ref+all eras": every_era}
 
@@ -144,11 +141,14 @@ def campaign_rate(seconds: float, *flags: str) -> tuple[float, float]:
     """Executions per second and peak worker RSS of a real campaign (default settings plus `flags`)."""
     with tempfile.TemporaryDirectory(prefix="stepfuzz-bench-") as tmp:
         crashes = Path(tmp) / "crashes"
-        subprocess.run([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", f"{int(seconds)}s", "--seed", "1",
-                        "--corpus", str(Path(tmp) / "corpus"), "--crashes", str(crashes), *flags],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        records = [json.loads(l) for l in (crashes / "stats.jsonl").read_text().splitlines()]
+        done = subprocess.run([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", f"{int(seconds)}s", "--seed", "1",
+                               "--corpus", str(Path(tmp) / "corpus"), "--crashes", str(crashes), *flags],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
         workers = [json.loads(p.read_text()) for p in (crashes / ".workers").glob("*.json")]
+        if not workers or not sum(w["execs"] for w in workers):
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the benchmark campaign ran nothing (exit {done.returncode}): {tail[0]}")
+        records = [json.loads(l) for l in (crashes / "stats.jsonl").read_text().splitlines()]
         execs = sum(w["execs"] for w in workers)
         spent = max(w["updated"] - w["begun"] for w in workers)
         rss = max([r["rss_mb"] for r in records] + [w["rss_kb"] / 1024 for w in workers])

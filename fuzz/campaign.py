@@ -8,6 +8,7 @@ again on the same directories resumes it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -67,14 +68,28 @@ def cache_dir() -> Path:
 
 def harness_launcher() -> Path:
     """An executable that starts the harness with this Python: libFuzzer's
-    -jobs and -fork modes re-execute argv[0]."""
-    path = cache_dir() / "bin" / "stepfuzz_fuzzer"
-    text = f"#!{sys.executable}\nfrom fuzz.stepfuzz_fuzzer import main\nmain()\n"
+    -jobs and -fork modes re-execute argv[0]. It imports the harness from
+    the checkout that wrote it: a campaign runs the code that started it,
+    whatever is installed."""
+    root = str(Path(__file__).resolve().parent.parent)
+    # one per checkout and Python, so two checkouts' campaigns never swap code
+    tag = hashlib.sha256(f"{sys.executable}\0{root}".encode()).hexdigest()[:12]
+    path = cache_dir() / "bin" / tag / "stepfuzz_fuzzer"
+    text = (f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {root!r})\n"
+            "from fuzz.stepfuzz_fuzzer import main\nmain()\n")
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text)
         path.chmod(0o755)
     return path
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
 
 
 def scan_corpus(corpus: Path) -> tuple[int, list[str]]:
@@ -213,7 +228,9 @@ def run(cfg: Config) -> int:
         print(file=sys.stderr)
     summary(cfg, snap, started, say)
     if proc.returncode not in (0, -signal.SIGINT, 130, 72):
-        say(f"stepfuzz: libFuzzer exited with status {proc.returncode}; its output is in {logs}")
+        last = _last_line(logs / "main.log")
+        say(f"stepfuzz: libFuzzer exited with status {proc.returncode}" + (f" ({last})" if last else "")
+            + f"; its output is in {logs}")
         return 2
     return 0
 

@@ -204,7 +204,11 @@ def cmd_triage(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run, table
-    result = run(seconds=args.campaign)
+    try:
+        result = run(seconds=args.campaign)
+    except RuntimeError as e:
+        print(f"stepfuzz bench: {e}", file=sys.stderr)
+        return EXIT_BAD
     print(json.dumps(result) if args.json else table(result))
     return EXIT_AGREE
 

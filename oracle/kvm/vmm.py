@@ -6,6 +6,7 @@ stops it sees into a Trace.
 from __future__ import annotations
 
 import bisect
+import itertools
 
 from ..guest import END, MAX_STEPS, ExecLog
 from ..trace import DONE_NATIVE, HSR_STEPPED, Exit, Stop, Trace
@@ -36,18 +37,18 @@ class _Plain:
     the stop each of them gives."""
 
     def __init__(self, log: ExecLog, timed: set[int]):
-        case, n, pcs = log.case, log.n, log.pcs
-        odd = log.load_exclusive_pcs
-        specials = log.specials
-        self.ideal = [Stop(pc, 1, HSR_STEPPED, (), PLAIN_WHY) for pc in pcs[1:n + 1]]
+        n, pcs = log.n, log.pcs
+        # built in C (Stop's own __new__ is Python code, and this runs once per case)
+        one = itertools.repeat
+        self.ideal: list[Stop] = list(map(tuple.__new__, one(Stop),
+                                          zip(pcs[1:n + 1], one(1), one(HSR_STEPPED), one(()), one(PLAIN_WHY))))
         # run_end[i]: the first index >= i that the full loop must handle
-        self.run_end = [0] * (n + 1)
-        end = n
-        self.run_end[n] = n
-        for i in range(n - 1, -1, -1):
-            if i in specials or pcs[i] in odd or i in timed or pcs[i + 1] == case.end:
-                end = i
-            self.run_end[i] = end
+        odd, end = log.load_exclusive_pcs, log.case.end
+        handled = set(log.specials) | timed
+        handled.update(i for i in range(n) if pcs[i] in odd or pcs[i + 1] == end)
+        self.run_end: list[int] = []
+        for b in sorted(i for i in handled if i < n) + [n]:
+            self.run_end += [b] * (b + 1 - len(self.run_end))
 
 
 def _plain(log: ExecLog, timed: set[int]) -> _Plain:
