@@ -15,7 +15,7 @@ from unicorn import UC_ARCH_ARM64, UC_HOOK_INTR, UC_MODE_ARM, Uc
 from unicorn import arm64_const as A
 
 from .case import Case
-from .guest import B_SELF, PSTATE_RESET, REG_IDS
+from .guest import PSTATE_RESET, REG_IDS, el1_below_el2, program_bytes, write_sysreg
 
 PSTATE_SS = 1 << 21
 FAR_UNTIL = 0xFFFF_FFFF_FFFF_FFF0
@@ -27,17 +27,12 @@ def arch_step_pcs(case: Case) -> list[int]:
     for r in case.memory:
         if r.kind == "ram":
             uc.mem_map(r.base, r.size)
-    code = b"".join(w.to_bytes(4, "little") for w in case.words) + B_SELF.to_bytes(4, "little")
-    uc.mem_write(case.base, code)
+    uc.mem_write(case.base, program_bytes(case))
 
-    def sysreg(op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
-        uc.reg_write(A.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2, value))
-
-    sysreg(3, 6, 1, 1, 0, (1 << 10) | (1 << 8) | 1)   # SCR_EL3: RW | HCE | NS
-    sysreg(3, 4, 1, 1, 0, 1 << 31)                     # HCR_EL2: RW
-    sysreg(3, 4, 1, 1, 1, 1 << 8)                      # MDCR_EL2: TDE, debug target EL2
+    el1_below_el2(uc)
+    write_sysreg(uc, 3, 4, 1, 1, 1, 1 << 8)            # MDCR_EL2: TDE, debug target EL2
     uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET | PSTATE_SS)
-    sysreg(2, 0, 0, 2, 2, 1)                           # MDSCR_EL1: SS (also rebuilds hflags)
+    write_sysreg(uc, 2, 0, 0, 2, 2, 1)                 # MDSCR_EL1: SS (also rebuilds hflags)
     for name, value in case.regs:
         uc.reg_write(REG_IDS[name], value)
 

@@ -82,11 +82,9 @@ def _cause(why: tuple[str, ...]) -> str:
 def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
     skipped_before = sorted(i for i, _ in model.skipped)
     stops = model.stops
-    plain = getattr(log, "_plain", None)
-    ideal = plain.ideal if plain is not None else ()
     for i in range(model.agreed, min(len(ref.pcs), len(stops))):
         pc, got = ref.pcs[i], stops[i]
-        if (i < len(ideal) and got is ideal[i]) or (got.steps == 1 and got.pc == pc):
+        if got.steps == 1 and got.pc == pc:
             continue
         if skipped_before and skipped_before[0] <= i:
             kind = SKIPPED

@@ -16,19 +16,17 @@ of a page" (a stage-2 fault) exactly "first TLB fill of that page".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
-
 import ctypes
 import struct
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import unicorn.unicorn_const as ucc
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_RAM, PAGE, Case
-from .isa import DBGREG, MEM, STORE_EXCLUSIVE, address, decode
+from .isa import DBGREG, MASK64, MEM, STORE_EXCLUSIVE, address, decode
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM
 ARENA_SIZE = MAX_RAM + 2 * PAGE
@@ -62,14 +60,8 @@ NOT_SUPPORTED = (1 << 64) - 1
 KVM_HVC_RANGES = ((0x80000000, 0x8000FFFF), (0x84000000, 0x8400FFFF), (0xC4000000, 0xC400FFFF),
                   (0x86000000, 0x8600FFFF), (0xC6000000, 0xC600FFFF))
 
-MASK64 = (1 << 64) - 1
 X_REGS = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
 REG_IDS = dict(zip([f"x{i}" for i in range(31)], X_REGS)) | {"sp": A.UC_ARM64_REG_SP}
-
-
-@lru_cache(maxsize=1 << 16)
-def _stops(word: int) -> bool:
-    return decode(word).stops
 
 
 def hvc_result(func: int) -> int | None:
@@ -176,8 +168,20 @@ class _Regs:
         self._write(self._uch, reg, self._ptr)
 
 
-def _sysreg(uc: Uc, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
+def program_bytes(case: Case) -> bytes:
+    """The case's code as the guest sees it in memory: its words, then `b .`."""
+    return struct.pack(f"<{len(case.words) + 1}I", *case.words, B_SELF)
+
+
+def write_sysreg(uc: Uc, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
     uc.reg_write(A.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2, value))
+
+
+def el1_below_el2(uc: Uc) -> None:
+    """Make EL1 a proper AArch64 non-secure EL below an EL2 (Unicorn resets
+    SCR_EL3 and HCR_EL2 to 0)."""
+    write_sysreg(uc, 3, 6, 1, 1, 0, (1 << 10) | (1 << 8) | 1)   # SCR_EL3: RW | HCE | NS
+    write_sysreg(uc, 3, 4, 1, 1, 0, 1 << 31)                     # HCR_EL2: RW
 
 
 class Machine:
@@ -199,15 +203,13 @@ class Machine:
         self.regs = _Regs(uc)
         uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         uc.mem_map(ARENA, ARENA_SIZE)
-        # Make EL1 a proper AArch64 non-secure EL below an EL2 (Unicorn resets
-        # SCR_EL3/HCR_EL2 to 0), and leave FP/SIMD disabled like a fresh vCPU.
-        _sysreg(uc, 3, 6, 1, 1, 0, (1 << 10) | (1 << 8) | 1)   # SCR_EL3: RW | HCE | NS
-        _sysreg(uc, 3, 4, 1, 1, 0, 1 << 31)                     # HCR_EL2: RW
-        _sysreg(uc, 3, 0, 1, 0, 2, 0)                           # CPACR_EL1: FP traps
+        # FP/SIMD left disabled, like a fresh vCPU
+        el1_below_el2(uc)
+        write_sysreg(uc, 3, 0, 1, 0, 2, 0)                      # CPACR_EL1: FP traps
         # A vCPU starts with PSTATE 0x3c5 (EL1h, DAIF masked, NZCV clear);
         # Unicorn's reset also sets Z.
         uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET)
-        _sysreg(uc, 3, 0, 1, 0, 2, 0)                           # (a system register write rebuilds hflags)
+        write_sysreg(uc, 3, 0, 1, 0, 2, 0)                      # (a system register write rebuilds hflags)
         self.reset_context = uc.context_save()
         uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._on_tlb_fill)
         uc.hook_add(ucc.UC_HOOK_BLOCK, self._on_block)
@@ -237,7 +239,7 @@ class Machine:
         zero = bytes(SUBPAGE)
         for sub in self.dirty:
             uc.mem_write(sub, zero)
-        code = struct.pack(f"<{len(case.words) + 1}I", *case.words, B_SELF)
+        code = program_bytes(case)
         phys = self._phys(first)
         uc.mem_write(phys, bytes(case.base - first) + code)
         self.dirty = set(range(phys, phys + case.base - first + len(code), SUBPAGE))
@@ -247,7 +249,7 @@ class Machine:
         self.regs.remove_cache(first, self.code_pages.stop)
         self.loading = False
         self.regs.flush_tlb()
-        exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if _stops(w)]
+        exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
         if exits != self.exits:
             uc.ctl_set_exits(exits)
             self.exits = exits

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 PLAIN, MEM, DBGREG, HVC, STORE_EXCLUSIVE, UNSUPPORTED = range(6)
+MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,5 +209,3 @@ def address(w: int, reg, pc: int) -> int:
         return (base + _sext((w >> 12) & 0x1FF, 9)) & MASK64
     return base                                               # load-acquire / store-release
 
-
-MASK64 = (1 << 64) - 1
