@@ -42,7 +42,6 @@ from oracle.run import check
 from . import generate as G
 
 SIZES = (16, 64, 256)
-NOP = 0xD503201F
 
 
 def bench_cases(n_insns: int, count: int, seed: int) -> list[Case]:
@@ -68,8 +67,7 @@ def bench_cases(n_insns: int, count: int, seed: int) -> list[Case]:
             if len(words) + len(snippet) > n_insns:
                 snippet = G.alu(rnd)          # no branch may leave the program
             words += snippet
-        base = replace(G.generate(rnd, cfg), words=tuple(words))
-        case = replace(base, events=G.events(rnd, len(words), cfg))
+        case = replace(G.generate(rnd, cfg), words=tuple(words), events=G.events(rnd, len(words), cfg))
         if execute(case).outcome == END:       # not cut short (an access with no syndrome ends a run)
             out.append(case)
     return out
@@ -90,7 +88,7 @@ class Raw:
         uc.context_restore(self.ctx)
         for name, value in case.regs:
             self.regs[REG_IDS[name]] = value
-        code = b"".join((NOP if decode(w).kind in (HVC, DBGREG) else w).to_bytes(4, "little") for w in case.words)
+        code = b"".join((G.I.NOP if decode(w).kind in (HVC, DBGREG) else w).to_bytes(4, "little") for w in case.words)
         uc.mem_write(case.base, code)
         uc.ctl_remove_cache(case.base, case.end)
         try:

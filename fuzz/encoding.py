@@ -26,6 +26,8 @@ import json
 from oracle.case import (IPA_LIMIT, MAX_INSNS, MAX_RAM, MAX_STEPS_LIMIT, PAGE, REG_NAMES, REGION_KINDS,
                          Case, CaseError, Event, Region, loads_case)
 
+from .insns import NOP
+
 MAGIC = b"SF1"
 EVENT_KINDS = (("before", "host-irq"), ("after", "host-irq"), ("trap", "signal"),
                ("mmio-exit", "immediate-exit"), ("mmio-exit", "signal"), ("mmio-exit", "preempt"),
@@ -112,7 +114,7 @@ def _normalise(regions: list[Region], base: int, words: list[int]) -> tuple[list
         last_end = reg.end
     kept = [r for i, r in enumerate(regions) if i in keep]
     if not words:
-        words = [0xD503201F]
+        words = [NOP]
     home = next((k for k in kept if k.kind == "ram" and k.base <= base < k.end and base + 4 * len(words) + 4 <= k.end), None)
     if home is None:
         home = next((k for k in kept if k.kind == "ram" and k.size >= 8), None)

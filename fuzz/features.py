@@ -11,6 +11,7 @@ from __future__ import annotations
 import zlib
 
 from oracle.run import Result
+from oracle.trace import DONE_NATIVE
 
 DEPTH = 10
 SPLIT = 5          # 2**SPLIT small trees of depth DEPTH - SPLIT: cheap to instrument
@@ -44,7 +45,7 @@ def bucket(h: int) -> int:
 
 
 _KEYS: dict[tuple, int] = {}
-PLAIN = ("|native",)
+PLAIN = (DONE_NATIVE,)     # an ordinary stop: nothing to learn from it
 
 
 def _key(era: str, why: tuple[str, ...], steps: int, isv: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from oracle.case import REG_NAMES, Case, Event, Region
+from oracle.case import INSN_EVENTS, REG_NAMES, Case, Event, Region
 
 from . import insns as I
 from .encoding import EVENT_KINDS
@@ -137,13 +137,20 @@ def program(rnd: random.Random, cfg: GenConfig = DEFAULT) -> list[int]:
     return words
 
 
+def event(rnd: random.Random, n_insns: int) -> Event:
+    """Any kind of event, timed near the program's instructions or its first exits."""
+    when, what = rnd.choice(EVENT_KINDS)
+    at = rnd.randint(1, n_insns + 2) if when in INSN_EVENTS else rnd.randint(1, 4)
+    return Event(when, at, what)
+
+
 def events(rnd: random.Random, n_insns: int, cfg: GenConfig = DEFAULT) -> tuple[Event, ...]:
-    out = []
-    for _ in range(rnd.randint(0, cfg.max_events)):
-        when, what = rnd.choice(EVENT_KINDS)
-        at = rnd.randint(1, n_insns + 2) if when in ("before", "after", "trap") else rnd.randint(1, 4)
-        out.append(Event(when, at, what))
-    return tuple(out)
+    return tuple(event(rnd, n_insns) for _ in range(rnd.randint(0, cfg.max_events)))
+
+
+def mmio_value(rnd: random.Random) -> int:
+    """What a userspace MMIO read returns: sign bits at each access size, or anything."""
+    return rnd.choice((0, 0x80, 0x8000, 0x80000000, rnd.getrandbits(64)))
 
 
 def generate(rnd: random.Random, cfg: GenConfig = DEFAULT) -> Case:
@@ -151,5 +158,5 @@ def generate(rnd: random.Random, cfg: GenConfig = DEFAULT) -> Case:
     # sometimes start near the end of a page so the code crosses into the next
     base = CODE_BASE + (0x1000 - 4 * rnd.randint(1, 8) if rnd.random() < 0.15 else 0)
     return Case(base=base, words=tuple(words), regs=registers(rnd), memory=memory(rnd),
-                mmio_read=rnd.choice((0, 0x80, 0x8000, 0x80000000, rnd.getrandbits(64))),
+                mmio_read=mmio_value(rnd),
                 events=events(rnd, len(words), cfg), max_steps=cfg.max_steps, source="<generated>")

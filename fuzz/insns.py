@@ -5,8 +5,9 @@ depending on the encoding).
 """
 from __future__ import annotations
 
+from oracle.guest import B_SELF  # noqa: F401  (`b .`, re-exported for the generator)
+
 NOP = 0xD503201F
-B_SELF = 0x14000000
 
 
 def _imm(value: int, bits: int) -> int:

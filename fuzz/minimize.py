@@ -15,7 +15,7 @@ from oracle.case import DEFAULT_MAX_STEPS, Case
 from oracle.kvm.eras import Era
 from oracle.run import check
 
-NOP = 0xD503201F
+from .insns import NOP
 
 
 class NotDivergent(ValueError):

@@ -11,21 +11,18 @@ from dataclasses import replace
 from typing import Callable
 
 from oracle.case import IPA_LIMIT, PAGE, REG_NAMES, Case, Event, Region
+from oracle.isa import MASK64
 
 from . import generate as G
-from .encoding import EVENT_KINDS, NotACase, decode, decode_input, encode
+from .encoding import NotACase, decode, decode_input, encode
 
 MAX_WORDS = 256
 BYTE_LEVEL_SHARE = 0.1
 FRESH_SHARE = 0.2        # a freshly generated case now and then: keeps the search near the generator's distribution
 
 
-def _words(rnd: random.Random, case: Case) -> list[int]:
-    return list(case.words)
-
-
 def insert_snippet(rnd: random.Random, case: Case) -> Case:
-    w = _words(rnd, case)
+    w = list(case.words)
     at = rnd.randint(0, len(w))
     snippet = (G.exit_snippet(rnd) if rnd.random() < 0.5 else G.control_snippet(rnd)
                if rnd.random() < 0.5 else G.alu(rnd))
@@ -33,7 +30,7 @@ def insert_snippet(rnd: random.Random, case: Case) -> Case:
 
 
 def delete_chunk(rnd: random.Random, case: Case) -> Case:
-    w = _words(rnd, case)
+    w = list(case.words)
     if len(w) <= 1:
         return case
     at = rnd.randrange(len(w))
@@ -42,21 +39,21 @@ def delete_chunk(rnd: random.Random, case: Case) -> Case:
 
 
 def replace_insn(rnd: random.Random, case: Case) -> Case:
-    w = _words(rnd, case)
+    w = list(case.words)
     at = rnd.randrange(len(w))
     w[at] = rnd.choice((G.exit_snippet, G.alu))(rnd)[-1]
     return replace(case, words=tuple(w))
 
 
 def swap_insns(rnd: random.Random, case: Case) -> Case:
-    w = _words(rnd, case)
+    w = list(case.words)
     i, j = rnd.randrange(len(w)), rnd.randrange(len(w))
     w[i], w[j] = w[j], w[i]
     return replace(case, words=tuple(w))
 
 
 def flip_bits(rnd: random.Random, case: Case) -> Case:
-    w = _words(rnd, case)
+    w = list(case.words)
     at = rnd.randrange(len(w))
     w[at] ^= 1 << rnd.randrange(32)
     return replace(case, words=tuple(w))
@@ -72,9 +69,7 @@ def mutate_events(rnd: random.Random, case: Case) -> Case:
         e = ev[i]
         ev[i] = Event(e.when, max(1, e.at + rnd.choice((-2, -1, 1, 2))), e.what)
     else:
-        when, what = rnd.choice(EVENT_KINDS)
-        at = rnd.randint(1, len(case.words) + 2) if when in ("before", "after", "trap") else rnd.randint(1, 4)
-        ev.append(Event(when, at, what))
+        ev.append(G.event(rnd, len(case.words)))
     return replace(case, events=tuple(ev[:8]))
 
 
@@ -82,7 +77,7 @@ def mutate_registers(rnd: random.Random, case: Case) -> Case:
     regs = dict(case.regs)
     name = rnd.choice([f"x{i}" for i in range(31)] + ["sp"])
     regs[name] = rnd.choice((0, 1, rnd.getrandbits(64), G.DATA, G.DATA2, G.MMIO, G.GICD_RAZ, G.CODE_BASE,
-                             regs.get(name, 0) + rnd.choice((-8, 8, 0x1000))) ) & ((1 << 64) - 1)
+                             regs.get(name, 0) + rnd.choice((-8, 8, 0x1000)))) & MASK64
     return replace(case, regs=tuple((k, regs[k]) for k in REG_NAMES if k in regs))
 
 
@@ -107,7 +102,7 @@ def mutate_memory(rnd: random.Random, case: Case) -> Case:
 def mutate_misc(rnd: random.Random, case: Case) -> Case:
     r = rnd.random()
     if r < 0.4:
-        return replace(case, mmio_read=rnd.choice((0, 0x80, 0x8000, 0x80000000, rnd.getrandbits(64))))
+        return replace(case, mmio_read=G.mmio_value(rnd))
     if r < 0.7:
         return replace(case, max_steps=rnd.choice((16, 64, 200, 400)))
     shift = rnd.choice((-4, 4, 0x1000 - 4 * rnd.randint(1, 8)))
@@ -130,13 +125,14 @@ def mutate_case(rnd: random.Random, case: Case) -> Case:
 
 
 def _start(data: bytes, rnd: random.Random) -> Case:
-    try:
-        case = decode_input(data)
-    except NotACase:
-        case = G.generate(rnd)
-    if len(data) == 0:
-        case = G.generate(rnd)        # libFuzzer's empty first input: start from a generated case
-    return case
+    """The case to mutate: the input's, or a generated one for libFuzzer's
+    empty first input and for a broken JSON seed."""
+    if data:
+        try:
+            return decode_input(data)
+        except NotACase:
+            pass
+    return G.generate(rnd)
 
 
 def _fit(case: Case, max_size: int) -> bytes:

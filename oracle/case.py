@@ -32,6 +32,8 @@ EVENT_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mmio-exit": ("n", ("immediate-exit", "signal", "preempt")),
     "stop": ("n", ("immediate-exit", "signal", "preempt")),
 }
+# events timed by a guest instruction (the others by the VMM's own count of exits/stops)
+INSN_EVENTS = tuple(when for when, (key, _) in EVENT_RULES.items() if key == "insn")
 
 TOP_FIELDS = ("stepfuzz", "name", "code", "regs", "memory", "mmio_read",
               "events", "max_steps", "expect")
