@@ -88,7 +88,7 @@ def mutate_memory(rnd: random.Random, case: Case) -> Case:
     choice = rnd.random()
     if choice < 0.5 and r.kind == "ram":
         mem[i] = replace(r, prefault=not r.prefault)
-    elif choice < 0.7 and r.base + r.size <= case.base or r.base > case.end + 4:
+    elif choice < 0.7 and (r.end <= case.base or r.base >= case.end + 4):     # not the code's region
         mem[i] = replace(r, kind=rnd.choice(("ram", "mmio", "mmio-kernel")), prefault=False)
     elif choice < 0.85:
         mem[i] = replace(r, size=max(PAGE, r.size + rnd.choice((-PAGE, PAGE))))
