@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from oracle.case import CaseError, load_case
+from oracle.realkvm import cache_root
 
-from .crashes import now_iso, read_json, write_atomic
+from .crashes import crash_records, now_iso, read_json, write_atomic
 from .encoding import looks_like_json
 
 STATS_EVERY_S = 10.0
+MAX_STEPS_BOUND = 100          # default bound on any input's max_steps: no input makes an execution slow
 RATE_WINDOW_S = 10.0
 LIBFUZZER_LINE = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+)(?: corp: (\d+)/\S+)?.*?exec/s: (\d+)")
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -56,14 +58,10 @@ class Config:
     corpus: Path = Path("corpus")
     crashes: Path = Path("crashes")
     seed: int | None = None
-    max_steps: int = 100
+    max_steps: int = MAX_STEPS_BOUND
     code_coverage: bool = True
     extra: list[str] = field(default_factory=list)
     quiet: bool = False
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepfuzz"
 
 
 def harness_launcher() -> Path:
@@ -74,7 +72,7 @@ def harness_launcher() -> Path:
     root = str(Path(__file__).resolve().parent.parent)
     # one per checkout and Python, so two checkouts' campaigns never swap code
     tag = hashlib.sha256(f"{sys.executable}\0{root}".encode()).hexdigest()[:12]
-    path = cache_dir() / "bin" / tag / "stepfuzz_fuzzer"
+    path = cache_root() / "bin" / tag / "stepfuzz_fuzzer"
     text = (f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {root!r})\n"
             "from fuzz.stepfuzz_fuzzer import main\nmain()\n")
     if not path.exists() or path.read_text() != text:
@@ -116,11 +114,32 @@ class Monitor:
         self.cfg, self.started = cfg, started
         self.cov = self.ft = 0
         self.recent: list[tuple[float, int]] = []     # (time, execs) over the last RATE_WINDOW_S
+        self.eras: dict[str, str] = {}                # crash directory -> its era (read once)
+        self.offsets: dict[Path, int] = {}            # how far each worker log has been read
 
     def feed(self, line: str) -> None:
         m = LIBFUZZER_LINE.match(line)
         if m:
             self.cov, self.ft = max(self.cov, int(m.group(3))), max(self.ft, int(m.group(4)))
+
+    def tail(self, path: Path) -> None:
+        """Feed the lines a worker has added to its log since the last call."""
+        try:
+            with open(path, errors="replace") as f:
+                f.seek(self.offsets.get(path, 0))
+                for line in f:
+                    self.feed(line)
+                self.offsets[path] = f.tell()
+        except OSError:
+            pass
+
+    def _by_era(self) -> Counter:
+        for d in self.cfg.crashes.iterdir():
+            if d.name not in self.eras and d.is_dir():
+                info = read_json(d / "divergence.json")
+                if info:
+                    self.eras[d.name] = info["era"]
+        return Counter(self.eras.values())
 
     def workers(self) -> list[dict]:
         out = []
@@ -137,11 +156,7 @@ class Monitor:
         self.recent = [(t, e) for t, e in self.recent if now - t <= RATE_WINDOW_S] + [(now, execs)]
         t0, e0 = self.recent[0]
         rate = (execs - e0) / (now - t0) if now - t0 >= 1 else 0.0
-        by_era = Counter()
-        for d in self.cfg.crashes.iterdir():
-            info = read_json(d / "divergence.json") if d.is_dir() else None
-            if info:
-                by_era[info["era"]] += 1
+        by_era = self._by_era()
         return {"time": now_iso(), "t": round(now, 3), "elapsed_s": round(now - self.started, 1),
                 "execs": execs, "execs_per_s": round(rate, 1),
                 "corpus": sum(1 for p in self.cfg.corpus.rglob("*") if p.is_file()),
@@ -167,7 +182,7 @@ def run(cfg: Config) -> int:
     entries, warnings = scan_corpus(cfg.corpus)
     for w in warnings:
         print(f"stepfuzz: warning: {w}", file=sys.stderr)
-    known = sum(1 for d in cfg.crashes.iterdir() if (d / "divergence.json").exists())
+    known = sum(1 for _ in crash_records(cfg.crashes))
     started = time.time()
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     say(f"stepfuzz: seed {seed} (reuse with --seed {seed}); eras {cfg.eras}; "
@@ -208,7 +223,7 @@ def run(cfg: Config) -> int:
         while proc.poll() is None:
             time.sleep(1)
             for f in logs.glob("fuzz-*.log"):
-                _tail(f, monitor)
+                monitor.tail(f)
             snap = monitor.snapshot()
             if time.time() >= next_stats:
                 next_stats = time.time() + STATS_EVERY_S
@@ -238,10 +253,8 @@ def run(cfg: Config) -> int:
 def summary(cfg: Config, snap: dict, started: float, say) -> None:
     say(status_line(snap))
     new = []
-    for d in sorted(cfg.crashes.iterdir()):
-        info = read_json(d / "divergence.json") if d.is_dir() else None
-        if info and info.get("first_found", {}).get("elapsed_s", -1) >= 0 and \
-                _iso_t(info["first_seen"]) >= started - 1:
+    for _, info in crash_records(cfg.crashes):
+        if info.get("first_found", {}).get("elapsed_s", -1) >= 0 and _iso_t(info["first_seen"]) >= started - 1:
             new.append(info)
     say(f"stepfuzz: {snap['execs']:,} executions in {snap['elapsed_s']:.0f} s; {len(new)} new divergence(s), "
         f"{snap['unique']} in {cfg.crashes}")
@@ -269,20 +282,6 @@ def _pump(proc: subprocess.Popen, log: Path, monitor: Monitor) -> None:
         for line in proc.stdout:
             out.write(line)
             monitor.feed(line)
-
-
-_offsets: dict[Path, int] = {}
-
-
-def _tail(path: Path, monitor: Monitor) -> None:
-    try:
-        with open(path, errors="replace") as f:
-            f.seek(_offsets.get(path, 0))
-            for line in f:
-                monitor.feed(line)
-            _offsets[path] = f.tell()
-    except OSError:
-        pass
 
 
 def _append(path: Path, record: dict) -> None:

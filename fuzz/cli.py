@@ -45,6 +45,14 @@ def load_cases(args: list[str]) -> tuple[list[tuple[Path, Case]], int]:
     return good, bad
 
 
+def existing_dirs(names: list[str], what: str) -> list[Path]:
+    """The directories named, or a one-line error for the first that is not one."""
+    for name in names:
+        if not Path(name).is_dir():
+            fail(f"{name}: no such {what} directory")
+    return [Path(name) for name in names]
+
+
 def eras_arg(spec: str):
     try:
         return select(spec)
@@ -120,9 +128,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import status
-    d = Path(args.dir)
-    if not d.is_dir():
-        fail(f"{d}: no such campaign directory")
+    (d,) = existing_dirs([args.dir], "campaign")
     print(status(d))
     return EXIT_AGREE
 
@@ -148,14 +154,16 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     import time
     from dataclasses import replace
 
-    from .crashes import read_json, write_atomic
+    from .crashes import crash_records, read_json, write_atomic
     from .minimize import NotDivergent, describe, minimize
     from .report import readable
     target = Path(args.target)
+    if args.era and len(eras_arg(args.era)) != 1:
+        fail(f"--era {args.era}: name one era (a case is minimized for the divergence of one era)")
     if target.is_dir():
-        dirs = [target] if (target / "divergence.json").exists() else sorted(target.iterdir())
-        jobs = [(d / "case.json", d.name, (read_json(d / "divergence.json") or {}).get("era"), d / "minimized.json")
-                for d in dirs if (d / "divergence.json").exists()]
+        own = read_json(target / "divergence.json")
+        records = [(target, own)] if own else list(crash_records(target))
+        jobs = [(d / "case.json", d.name, info.get("era"), d / "minimized.json") for d, info in records]
         if not jobs:
             fail(f"{target}: neither a crash directory nor a directory of them (*/divergence.json)")
     else:
@@ -169,6 +177,10 @@ def cmd_minimize(args: argparse.Namespace) -> int:
             case = load_case(path)
         except CaseError as e:
             print(f"stepfuzz: {e}", file=sys.stderr)
+            status = EXIT_BAD
+            continue
+        if not (args.era or era_id):
+            print(f"stepfuzz: {path.parent / 'divergence.json'}: names no era", file=sys.stderr)
             status = EXIT_BAD
             continue
         era = eras_arg(args.era or era_id)[0]
@@ -188,9 +200,7 @@ def cmd_minimize(args: argparse.Namespace) -> int:
 
 def cmd_triage(args: argparse.Namespace) -> int:
     from .triage import collect, markdown, to_html
-    d = Path(args.dir)
-    if not d.is_dir():
-        fail(f"{d}: no such crash directory")
+    (d,) = existing_dirs([args.dir], "crash")
     buckets = collect(d)
     if args.kernels:
         from .kvmcmd import triage_on_kernels
@@ -207,8 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         result = run(seconds=args.campaign)
     except RuntimeError as e:
-        print(f"stepfuzz bench: {e}", file=sys.stderr)
-        return EXIT_BAD
+        fail(f"bench: {e}")
     print(json.dumps(result) if args.json else table(result))
     return EXIT_AGREE
 
@@ -222,6 +231,8 @@ def _write_c(out: Path, text: str, what: str) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import NotExportable, expectation, selftest, standalone
+    if Path(args.case).is_dir():
+        fail(f"{args.case}: export takes one case file (export-corpus takes a directory)")
     cases, bad = load_cases([args.case])
     if bad or not cases:
         return EXIT_BAD
@@ -259,10 +270,7 @@ def cmd_export_corpus(args: argparse.Namespace) -> int:
 def cmd_corpus_merge(args: argparse.Namespace) -> int:
     from .merge import corpus_merge
     eras_arg(args.era)
-    sources = [Path(d) for d in args.dirs]
-    for d in sources:
-        if not d.is_dir():
-            fail(f"{d}: no such corpus directory")
+    sources = existing_dirs(args.dirs, "corpus")
     try:
         r = corpus_merge(sources, Path(args.output), args.era, args.max_steps, log=lambda m: print(m, file=sys.stderr))
     except RuntimeError as e:
@@ -274,10 +282,7 @@ def cmd_corpus_merge(args: argparse.Namespace) -> int:
 
 def cmd_crashes_merge(args: argparse.Namespace) -> int:
     from .merge import crashes_merge
-    sources = [Path(d) for d in args.dirs]
-    for d in sources:
-        if not d.is_dir():
-            fail(f"{d}: no such crash directory")
+    sources = existing_dirs(args.dirs, "crash")
     r = crashes_merge(sources, Path(args.output))
     print(f"{args.output}: {r['signatures']} signatures ({r['merged_duplicates']} found on more than one machine)")
     return EXIT_AGREE
@@ -294,6 +299,7 @@ def cmd_eras(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .campaign import MAX_STEPS_BOUND
     p = argparse.ArgumentParser(prog="stepfuzz", description="Differential fuzzer for KVM/arm64 guest single-step.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -318,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--corpus", default="corpus", help="corpus directory (default corpus/)")
     f.add_argument("--crashes", default="crashes", help="crash directory (default crashes/)")
     f.add_argument("--seed", type=int, help="libFuzzer seed (printed at start; reuse to repeat)")
-    f.add_argument("--max-steps", type=int, default=100, help="bound on any input's max_steps (default 100)")
+    f.add_argument("--max-steps", type=int, default=MAX_STEPS_BOUND,
+                   help=f"bound on any input's max_steps (default {MAX_STEPS_BOUND})")
     f.add_argument("--no-code-coverage", action="store_true",
                    help="guide by behaviour features only, not by coverage of the era models' code (faster)")
     f.add_argument("libfuzzer", nargs="*", metavar="-- LIBFUZZER_FLAG", help="extra libFuzzer flags after --")
@@ -352,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmm.add_argument("dirs", nargs="+", metavar="DIR")
     cmm.add_argument("-o", "--output", required=True, metavar="OUT")
     cmm.add_argument("--era", default="all", help="the eras whose behaviour counts (default all)")
-    cmm.add_argument("--max-steps", type=int, default=100)
+    cmm.add_argument("--max-steps", type=int, default=MAX_STEPS_BOUND,
+                     help=f"bound on any input's max_steps, as in the campaigns (default {MAX_STEPS_BOUND})")
     cmm.set_defaults(func=cmd_corpus_merge)
 
     cr = sub.add_parser("crashes", help="work with crash directories")

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from oracle.case import Case
 from oracle.run import Result, check
 
 from .report import result_table
@@ -49,6 +48,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def crash_records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(directory, divergence.json) of every finding under `root`, in name order."""
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        info = read_json(d / "divergence.json") if d.is_dir() else None
+        if info:
+            yield d, info
+
+
 @dataclass
 class _Pending:
     count: int = 0
@@ -66,33 +73,23 @@ class CrashStore:
         self.pending: dict[str, _Pending] = {}
         self.last_flush = time.monotonic()
 
-    def known(self) -> list[dict[str, Any]]:
-        out = []
-        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
-            info = read_json(d / "divergence.json") if d.is_dir() else None
-            if info:
-                out.append(info)
-        return out
-
     def record(self, r: Result, execs: int = 0) -> bool:
         """Keep a divergent result; True if its signature is new to the store."""
         d = r.divergence
         assert d is not None
         sid = d.sig_id
-        new = False
         if sid not in self.seen:
             self.seen.add(sid)
-            new = self._create(r, execs)
-            if new:
+            if self._create(r, execs):
                 return True           # counted as 1 on creation
         p = self.pending.setdefault(sid, _Pending())
         p.count += 1
         p.last_seen = time.time()
-        if not new and (p.best is None or len(r.case.words) < len(p.best.case.words)):
+        if p.best is None or len(r.case.words) < len(p.best.case.words):
             p.best = r
         if time.monotonic() - self.last_flush > FLUSH_EVERY_S:
             self.flush()
-        return new
+        return False
 
     def _create(self, r: Result, execs: int) -> bool:
         d = r.divergence
@@ -113,7 +110,7 @@ class CrashStore:
 
     def _write_case(self, path: Path, r: Result) -> None:
         d = r.divergence
-        case = r.case.to_json() if r.case.asm is None else r.case.with_words().to_json()
+        case = r.case.with_words().to_json()
         case["name"] = d.title
         write_atomic(path / "case.json", json.dumps(case, indent=2) + "\n")
         # relative: the directory may be moved or merged into another
@@ -141,8 +138,3 @@ class CrashStore:
                     info["case_insns"] = len(p.best.case.words)
                 write_atomic(path / "divergence.json", json.dumps(info, indent=2) + "\n")
         self.pending.clear()
-
-
-def case_of(path: Path) -> Case:
-    from oracle.case import load_case
-    return load_case(path / "case.json" if path.is_dir() else path)

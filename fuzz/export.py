@@ -100,7 +100,8 @@ def _case_table(exps: list[Expectation]) -> str:
         regs = dict(c.regs)
         reg_init = ", ".join(f"[{31 if k == 'sp' else int(k[1:])}] = {v:#x}" for k, v in regs.items())
         regions = ", ".join(f"{{ {r.base:#x}, {r.size:#x}, {kinds[r.kind]}, {int(r.prefault)} }}" for r in c.memory)
-        events = ", ".join(f"{{ {w}, {n}, {what} }}" for w, n, what in _events(c))
+        evs = _events(c)
+        events = ", ".join(f"{{ {w}, {n}, {what} }}" for w, n, what in evs)
         notes = "".join(f"\t\t/* not reproducible from userspace, left out: {c_comment(d)} */\n" for d in x.dropped)
         blocks.append(
             f"\t{{\t/* {c_comment(_title(c, i))} */\n{notes}"
@@ -108,7 +109,7 @@ def _case_table(exps: list[Expectation]) -> str:
             f"\t\t.base = {c.base:#x}, .max_steps = {c.max_steps}, .mmio_read = {c.mmio_read:#x},\n"
             f"\t\t.regs = {{ {reg_init} }},\n"
             f"\t\t.regions = {{ {regions} }}, .nregions = {len(c.memory)},\n"
-            f"\t\t.events = {{ {events} }}, .nevents = {len(_events(c))},\n"
+            f"\t\t.events = {{ {events} }}, .nevents = {len(evs)},\n"
             f"\t\t.words = (const uint32_t[]){{\n{_words_c(c, chr(9) * 3)}\n\t\t}},\n"
             f"\t\t.nwords = {len(c.words)},\n"
             f"\t\t.expected = (const uint64_t[]){{ {', '.join(f'{pc:#x}' for pc in x.pcs) or '0'} }},\n"

@@ -10,6 +10,7 @@ first/last seen widened, the smallest case kept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,31 +18,31 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from oracle.kvm.eras import select
+from oracle.kvm.eras import Era, select
 from oracle.run import check
 
-from .campaign import harness_launcher
-from .crashes import read_json, write_atomic
+from .campaign import MAX_STEPS_BOUND, harness_launcher
+from .crashes import crash_records, read_json, write_atomic
 from .encoding import NotACase, decode_input
 
 CONTROL = ".merge_control"
 
 
-def signatures(path: Path, eras: str, max_steps: int) -> set[str]:
-    from dataclasses import replace
+def signatures(data: bytes, eras: list[Era], max_steps: int) -> set[str]:
+    """The divergence signatures an input shows, checked as the harness checks it."""
     try:
-        case = decode_input(path.read_bytes())
-    except (NotACase, OSError):
+        case = decode_input(data)
+    except NotACase:
         return set()
-    case = replace(case, max_steps=min(case.max_steps, max_steps))
-    return {r.divergence.signature for r in check(case, select(eras)) if r.divergence}
+    return {r.divergence.signature for r in check(case.bounded(max_steps), eras, first_divergence_only=True)
+            if r.divergence}
 
 
 def _inputs(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def corpus_merge(sources: list[Path], out: Path, eras: str = "all", max_steps: int = 100,
+def corpus_merge(sources: list[Path], out: Path, eras: str = "all", max_steps: int = MAX_STEPS_BOUND,
                  log=lambda m: None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     out, sources = out.resolve(), [s.resolve() for s in sources]
@@ -58,13 +59,18 @@ def corpus_merge(sources: list[Path], out: Path, eras: str = "all", max_steps: i
             raise RuntimeError(f"libFuzzer merge failed (status {p.returncode}): "
                                + (p.stderr.strip().splitlines() or ["no output"])[-1])
     control.unlink(missing_ok=True)
-    kept = {s for f in _inputs(out) for s in signatures(f, eras, max_steps)}
+    era_list = select(eras)
+    kept = {s for f in _inputs(out) for s in signatures(f.read_bytes(), era_list, max_steps)}
     added = 0
     for src in sources:
         for f in _inputs(src):
-            missing = signatures(f, eras, max_steps) - kept
+            data = f.read_bytes()
+            name = out / hashlib.sha1(data).hexdigest()     # named by content, as libFuzzer names inputs
+            if name.exists():
+                continue                # kept already: its signatures are counted
+            missing = signatures(data, era_list, max_steps) - kept
             if missing:
-                shutil.copy2(f, out / f.name)
+                write_atomic(name, data)
                 kept |= missing
                 added += 1
     return {"inputs": len(_inputs(out)), "signatures": len(kept), "added_for_signatures": added}
@@ -74,10 +80,7 @@ def crashes_merge(sources: list[Path], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     merged = 0
     for src in sources:
-        for d in sorted(src.iterdir()):
-            info = read_json(d / "divergence.json") if d.is_dir() else None
-            if info is None:
-                continue
+        for d, info in crash_records(src):
             dest = out / d.name
             mine = read_json(dest / "divergence.json")
             if mine is None:
@@ -92,7 +95,8 @@ def crashes_merge(sources: list[Path], out: Path) -> dict:
                 for name in ("case.json", "report.txt", "minimized.json"):
                     if (d / name).exists():
                         shutil.copy2(d / name, dest / name)
-                mine.update({k: info[k] for k in ("case_insns", "stop", "expected", "got") if k in info})
+                # the divergence as the kept case shows it (its stop, detail, size)
+                mine.update({k: v for k, v in info.items() if k not in ("count", "first_seen", "last_seen", "first_found")})
             write_atomic(dest / "divergence.json", json.dumps(mine, indent=2) + "\n")
     total = sum(1 for d in out.iterdir() if (d / "divergence.json").exists())
     return {"signatures": total, "merged_duplicates": merged}

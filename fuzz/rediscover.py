@@ -3,7 +3,6 @@ empty corpus, with coverage feedback (a real atheris campaign) and without
 (the same generator, fresh cases, no feedback).  Medians over seeds."""
 from __future__ import annotations
 
-import json
 import random
 import signal
 import statistics
@@ -16,6 +15,8 @@ from pathlib import Path
 from oracle.kvm.eras import select
 from oracle.run import check
 
+from .campaign import MAX_STEPS_BOUND
+from .crashes import crash_records, read_json
 from .generate import generate
 
 # class -> (signature prefix, a token its cause must contain)
@@ -54,15 +55,11 @@ def with_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
 
 def _found(crashes: Path) -> dict[str, tuple[float, int]]:
     """class -> (seconds since the harness started, executions) at the first find."""
-    ready = min((json.loads(p.read_text())["begun"] for p in crashes.glob(".workers/*.json")), default=None)
-    camp = json.loads((crashes / "campaign.json").read_text()) if (crashes / "campaign.json").exists() else {}
+    ready = min((w["begun"] for p in crashes.glob(".workers/*.json") if (w := read_json(p))), default=None)
+    camp = read_json(crashes / "campaign.json") or {}
     startup = (ready - camp["started"]) if ready and camp else 0.0
     out: dict[str, tuple[float, int]] = {}
-    for p in crashes.glob("*/divergence.json"):
-        try:
-            info = json.loads(p.read_text())
-        except ValueError:
-            continue
+    for _, info in crash_records(crashes):
         first = info["first_found"]
         at = (max(0.0, first["elapsed_s"] - startup), first["execs"])
         for c in _classes_of(info["signature"]):
@@ -71,7 +68,8 @@ def _found(crashes: Path) -> dict[str, tuple[float, int]]:
 
 
 def without_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
-    """The generator alone: fresh cases, no mutation, no coverage."""
+    """The generator alone: fresh cases, no mutation, no coverage, each
+    checked as the campaign's harness checks an input."""
     rnd = random.Random(seed)
     eras = select(ERAS)
     start = time.perf_counter()
@@ -79,7 +77,7 @@ def without_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
     execs = 0
     while time.perf_counter() - start < limit_s and not all(t in found for t in TARGETS):
         execs += 1
-        for r in check(generate(rnd), eras):
+        for r in check(generate(rnd).bounded(MAX_STEPS_BOUND), eras, first_divergence_only=True):
             if r.divergence:
                 for c in _classes_of(r.divergence.signature):
                     found.setdefault(c, (time.perf_counter() - start, execs))

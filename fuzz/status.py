@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .crashes import read_json
+from .crashes import crash_records, read_json
 
 
 def stats(crashes: Path) -> list[dict]:
@@ -24,13 +24,7 @@ def stats(crashes: Path) -> list[dict]:
 
 
 def divergences(crashes: Path) -> list[dict]:
-    out = []
-    for d in sorted(crashes.iterdir()):
-        info = read_json(d / "divergence.json") if d.is_dir() else None
-        if info:
-            info["dir"] = str(d)
-            out.append(info)
-    return out
+    return [{**info, "dir": str(d)} for d, info in crash_records(crashes)]
 
 
 def _alive(pid: int) -> bool:

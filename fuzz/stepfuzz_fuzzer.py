@@ -23,7 +23,6 @@ coverage of the era models' Python code and by behaviour features
 import os
 import sys
 import time
-from dataclasses import replace
 
 import atheris
 
@@ -43,6 +42,7 @@ from oracle.run import check
 from fuzz import features
 from fuzz.encoding import NotACase, decode_input
 
+from fuzz.campaign import MAX_STEPS_BOUND
 from fuzz.crashes import CrashStore
 from fuzz.mutate import custom_crossover, custom_mutator
 from fuzz.workers import WorkerStats
@@ -71,7 +71,7 @@ def _raise_divergence(signature: str) -> None:
         exec(f"def {name}(signature):\n    raise DivergenceFound(signature)\n", namespace)
         raiser = _RAISERS[signature] = namespace[name]
     raiser(signature)
-MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", "100"))
+MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", MAX_STEPS_BOUND))
 STATS = WorkerStats(STORE.root, STORE.started)
 
 
@@ -80,10 +80,8 @@ def test_one_input(data: bytes) -> None:
         case = decode_input(data)
     except NotACase:
         return                  # a broken JSON seed: `stepfuzz fuzz` warned about it
-    if case.max_steps > MAX_STEPS:
-        case = replace(case, max_steps=MAX_STEPS)
     try:
-        results = check(case, ERAS, first_divergence_only=True)
+        results = check(case.bounded(MAX_STEPS), ERAS, first_divergence_only=True)
     except Exception as e:      # an oracle bug: keep the input, go on
         STATS.oracle_error(data, e)
         return

@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .crashes import read_json
+from .crashes import crash_records
 
 ENDINGS = {"end", "max-steps", "guest-exception", "unsupported", "no-syndrome", "left-code", "stuck"}
 EFFECT = {"zero-step": "0 instructions per stop", "multi-step": "2+ instructions per stop",
@@ -52,10 +52,7 @@ def root_cause(info: dict) -> tuple[str, str]:
 
 def collect(crashes: Path) -> list[Bucket]:
     buckets: dict[tuple[str, str], Bucket] = {}
-    for d in sorted(crashes.iterdir()):
-        info = read_json(d / "divergence.json") if d.is_dir() else None
-        if not info:
-            continue
+    for d, info in crash_records(crashes):
         info["dir"] = str(d)
         minimized = d / "minimized.json"
         info["reproducer"] = str(minimized if minimized.exists() else d / "case.json")

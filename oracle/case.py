@@ -135,6 +135,12 @@ class Case:
         from dataclasses import replace
         return replace(self, asm=None)
 
+    def bounded(self, max_steps: int) -> "Case":
+        """The same case run for at most `max_steps` instructions (campaigns
+        bound every input, so that no input makes an execution slow)."""
+        from dataclasses import replace
+        return self if self.max_steps <= max_steps else replace(self, max_steps=max_steps)
+
 
 # ---------------------------------------------------------------- parsing
 
