@@ -25,10 +25,9 @@ from oracle.case import CaseError, load_case
 from oracle.realkvm import cache_root
 
 from .crashes import crash_records, now_iso, read_json, write_atomic
-from .encoding import looks_like_json
+from .encoding import MAX_STEPS_BOUND, looks_like_json
 
 STATS_EVERY_S = 10.0
-MAX_STEPS_BOUND = 100          # default bound on any input's max_steps: no input makes an execution slow
 RATE_WINDOW_S = 10.0
 LIBFUZZER_LINE = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+)(?: corp: (\d+)/\S+)?.*?exec/s: (\d+)")
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")

@@ -299,7 +299,7 @@ def cmd_eras(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from .campaign import MAX_STEPS_BOUND
+    from .encoding import MAX_STEPS_BOUND
     p = argparse.ArgumentParser(prog="stepfuzz", description="Differential fuzzer for KVM/arm64 guest single-step.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -29,6 +29,7 @@ from oracle.case import (IPA_LIMIT, MAX_INSNS, MAX_RAM, MAX_STEPS_LIMIT, PAGE, R
 from .insns import NOP
 
 MAGIC = b"SF1"
+MAX_STEPS_BOUND = 100          # campaigns' default bound on an input's max_steps: no input makes an execution slow
 EVENT_KINDS = (("before", "host-irq"), ("after", "host-irq"), ("trap", "signal"),
                ("mmio-exit", "immediate-exit"), ("mmio-exit", "signal"), ("mmio-exit", "preempt"),
                ("stop", "immediate-exit"), ("stop", "signal"), ("stop", "preempt"))

@@ -5,9 +5,7 @@ depending on the encoding).
 """
 from __future__ import annotations
 
-from oracle.guest import B_SELF  # noqa: F401  (`b .`, re-exported for the generator)
-
-NOP = 0xD503201F
+from oracle.isa import B_SELF, NOP  # noqa: F401  (re-exported for the generator)
 
 
 def _imm(value: int, bits: int) -> int:

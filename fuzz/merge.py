@@ -21,9 +21,9 @@ from pathlib import Path
 from oracle.kvm.eras import Era, select
 from oracle.run import check
 
-from .campaign import MAX_STEPS_BOUND, harness_launcher
+from .campaign import harness_launcher
 from .crashes import crash_records, read_json, write_atomic
-from .encoding import NotACase, decode_input
+from .encoding import MAX_STEPS_BOUND, NotACase, decode_input
 
 CONTROL = ".merge_control"
 

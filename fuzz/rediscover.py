@@ -15,8 +15,8 @@ from pathlib import Path
 from oracle.kvm.eras import select
 from oracle.run import check
 
-from .campaign import MAX_STEPS_BOUND
 from .crashes import crash_records, read_json
+from .encoding import MAX_STEPS_BOUND
 from .generate import generate
 
 # class -> (signature prefix, a token its cause must contain)

@@ -40,9 +40,8 @@ if os.environ.get("STEPFUZZ_CODE_COVERAGE", "1") != "0":
 from oracle.kvm.eras import select
 from oracle.run import check
 from fuzz import features
-from fuzz.encoding import NotACase, decode_input
+from fuzz.encoding import MAX_STEPS_BOUND, NotACase, decode_input
 
-from fuzz.campaign import MAX_STEPS_BOUND
 from fuzz.crashes import CrashStore
 from fuzz.mutate import custom_crossover, custom_mutator
 from fuzz.workers import WorkerStats

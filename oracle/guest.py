@@ -26,13 +26,12 @@ from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_RAM, PAGE, Case
-from .isa import DBGREG, MASK64, MEM, STORE_EXCLUSIVE, address, decode
+from .isa import B_SELF, DBGREG, MASK64, MEM, STORE_EXCLUSIVE, address, decode
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM
 ARENA_SIZE = MAX_RAM + 2 * PAGE
 SUBPAGE = 0x400                   # Unicorn's TLB granule on AArch64
 TCG_BUFFER = 32 << 20             # Unicorn's translation buffer
-B_SELF = 0x14000000               # `b .`: what follows every program
 PSTATE_RESET = 0x3C5
 EXCP_HVC = 11                     # QEMU's exception number for HVC
 BUDGET_SLACK = 2                  # instructions run past max_steps, for models that overshoot

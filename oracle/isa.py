@@ -13,6 +13,8 @@ from functools import lru_cache
 
 PLAIN, MEM, DBGREG, HVC, STORE_EXCLUSIVE, UNSUPPORTED = range(6)
 MASK64 = (1 << 64) - 1
+NOP = 0xD503201F
+B_SELF = 0x14000000               # `b .`
 
 
 @dataclass(frozen=True, slots=True)
