@@ -7,13 +7,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from oracle.realkvm import RealKvmError, cache_root
-from oracle.realkvm.batch import RealTrace, difference
-from oracle.trace import Stop, Trace
+from oracle.trace import Stop, Trace, numbered_exits
 
 from .cli import EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, eras_arg, fail, load_cases
+from .report import exits_text, insn_at, shown_rows, stop_json
 
-ROW_LIMIT = 60
+if TYPE_CHECKING:
+    from oracle.realkvm.batch import RealTrace
+
 HOST = "host"                 # --kernel host: this arm64 machine's own KVM
 
 
@@ -98,8 +102,13 @@ def cmd_kernels_list(args: argparse.Namespace) -> int:
 
 def _kernel(args: argparse.Namespace):
     """The Kernel to boot, or None for this host's own KVM."""
+    return resolve_kernel(args.kernel, args.cache)
+
+
+def resolve_kernel(spec: str | None, cache: str | None = None):
+    """A --kernel value -> the Kernel to boot, or None for this host's own KVM."""
     from oracle.realkvm import kernels, vm
-    spec = args.kernel or (HOST if vm.native() else None)
+    spec = spec or (HOST if vm.native() else None)
     if spec is None:
         fail("--kernel is required (5.10, 6.1, 6.12, latest or a PATH; see `stepfuzz kernels list`)")
     if spec == HOST:
@@ -107,7 +116,7 @@ def _kernel(args: argparse.Namespace):
             fail("--kernel host needs an arm64 machine with /dev/kvm")
         return None
     try:
-        return kernels.resolve(spec, cache_root(args.cache))
+        return kernels.resolve(spec, cache_root(cache))
     except RealKvmError as e:
         fail(str(e))
 
@@ -154,6 +163,7 @@ def cmd_kvm_run(args: argparse.Namespace) -> int:
 
 
 def cmd_kvm_check(args: argparse.Namespace) -> int:
+    from oracle.realkvm.batch import difference
     from oracle.run import check
     cases, bad = load_cases(args.cases)
     kernel = _kernel(args)
@@ -172,7 +182,7 @@ def cmd_kvm_check(args: argparse.Namespace) -> int:
     same = differ = failed = 0
     skipped: list[RealTrace] = []
     for (path, case), real in zip(cases, traces):
-        if not real.sent or real.end.startswith("unsupported-by-runner"):
+        if not real.compared:
             skipped.append(real)
             if args.json:
                 print(json.dumps({"case": str(path), "kernel": name, "era": era.id, "status": real.end,
@@ -198,8 +208,8 @@ def cmd_kvm_check(args: argparse.Namespace) -> int:
             print(json.dumps({"case": str(path), "kernel": name, "era": era.id,
                               "status": "identical" if d is None else "differs",
                               "difference": None if d is None else {"stop": d.stop, "what": d.what},
-                              "model": {"stops": [_stop_json(s) for s in model.stops], "end": model.outcome,
-                                        "exits": _exits_json(model)},
+                              "model": {"stops": [stop_json(s) for s in model.stops], "end": model.outcome,
+                                        "exits": _exits_json(numbered_exits(model.stops, model.tail))},
                               "real": _trace_json(real, name)}))
         elif d is None:
             print(f"{path}  identical on {name} and era {era.id}: {len(real.stops)} stops, {real.end}")
@@ -254,24 +264,16 @@ def cmd_kvm_exec(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- rendering
 
-def _stop_json(s: Stop) -> dict[str, Any]:
-    out: dict[str, Any] = {"pc": s.pc, "steps": s.steps, "isv": s.isv, "hsr": s.hsr}
-    if s.exits:
-        out["exits"] = [f"{e.kind} {e.detail}".strip() for e in s.exits]
-    return out
-
-
-def _exits_json(t: Trace) -> list[dict[str, Any]]:
-    out = [{"after_stop": i, "kind": e.kind, "detail": e.detail} for i, s in enumerate(t.stops) for e in s.exits]
-    return out + [{"after_stop": len(t.stops), "kind": e.kind, "detail": e.detail} for e in t.tail]
+def _exits_json(numbered) -> list[dict[str, Any]]:
+    return [{"after_stop": i, "kind": e.kind, "detail": e.detail} for i, e in numbered]
 
 
 def _trace_json(t: RealTrace, kernel: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "case": t.source, "kernel": kernel,
         "stops": [{"pc": s.pc, "steps": s.steps, "isv": s.isv, "hsr": s.hsr} for s in t.stops],
-        "exits": [{"after_stop": i, "kind": e.kind, "detail": e.detail} for i, e in t.exits],
-        "end": t.end, "steps_inferred": t.steps_inferred,
+        "exits": _exits_json(t.exits),
+        "end": t.end, "steps_inferred": True,      # a real kernel does not report steps
     }
     if t.detail:
         out["detail"] = t.detail
@@ -282,26 +284,8 @@ def _trace_json(t: RealTrace, kernel: str) -> dict[str, Any]:
     return out
 
 
-def _insn(case, pc: int) -> str:
-    from oracle.asm import disasm
-    if case.base <= pc < case.end:
-        return disasm(case.words[(pc - case.base) >> 2], pc)
-    return "b ." if pc == case.end else "?"
-
-
-def _rows(n: int, focus: int, show_all: bool) -> list[int]:
-    if n <= ROW_LIMIT or show_all:
-        return list(range(n))
-    keep = set(range(5)) | set(range(max(0, focus - 8), min(n, focus + 8))) | set(range(n - 3, n))
-    return sorted(keep)
-
-
 def _steps(s: Stop) -> str:
     return "?" if s.steps < 0 else f"~{s.steps}"
-
-
-def _exits_text(s_exits) -> str:
-    return ", ".join(f"{e.kind} {e.detail}".strip() for e in s_exits)
 
 
 def _trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> str:
@@ -312,16 +296,16 @@ def _trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> str:
         return head + ("\n  console (last lines):\n    " + t.console.replace("\n", "\n    ") if t.console else "")
     lines = [head, f"  {'stop':>4}  {'stepped from':<38} {'pc':<12} {'steps':>5}  isv  exits in between"]
     prev_pc, last = case.base, -1
-    for i in _rows(len(t.stops), 0, show_all):
+    for i in shown_rows(len(t.stops), 0, show_all):
         if i != last + 1:
             lines.append(f"  {'...':>4}")
         last = i
         s = t.stops[i]
         prev_pc = t.stops[i - 1].pc if i else case.base
-        lines.append(f"  {i + 1:>4}  {f'{prev_pc:#x} {_insn(case, prev_pc)}':<38} {s.pc:<#10x} {_steps(s):>5}  "
-                     f"{s.isv:>3}  {_exits_text(s.exits)}")
+        lines.append(f"  {i + 1:>4}  {f'{prev_pc:#x} {insn_at(case, prev_pc)}':<38} {s.pc:<#10x} {_steps(s):>5}  "
+                     f"{s.isv:>3}  {exits_text(s.exits)}")
     if t.tail:
-        lines.append("  after the last stop: " + _exits_text(t.tail))
+        lines.append("  after the last stop: " + exits_text(t.tail))
     for note in t.notes:
         lines.append(f"  note: {note}")
     lines.append("  (steps are inferred from the reference path: a real kernel does not report them)")
@@ -335,7 +319,7 @@ def _side_by_side(case, path: str, model: Trace, real: RealTrace, d, kernel: str
              f"  {'stop':>4}  {'model pc':<12} {'isv':>3}   {'real pc':<12} {'isv':>3}  exits before the stop"]
     n = max(len(model.stops), len(real.stops))
     last = -1
-    for i in _rows(n, d.stop, False):
+    for i in shown_rows(n, d.stop, False):
         if i != last + 1:
             lines.append(f"  {'...':>4}")
         last = i
@@ -345,14 +329,14 @@ def _side_by_side(case, path: str, model: Trace, real: RealTrace, d, kernel: str
         rcol = f"{r.pc:<#12x} {r.isv:>3}" if r else f"{'-':<12} {'':>3}"
         mark = "  <<" if i == d.stop else ""
         lines.append(f"  {i + 1:>4}  {mcol}   {rcol}{mark}")
-        mex, rex = _exits_text(m.exits) if m else "", _exits_text(r.exits) if r else ""
+        mex, rex = exits_text(m.exits) if m else "", exits_text(r.exits) if r else ""
         if mex or rex:
             lines.append(f"  {'':>4}    model: {mex or '-'}")
             lines.append(f"  {'':>4}    real:  {rex or '-'}")
     lines.append(f"  end: model {model.outcome}" + (f" ({model.detail})" if model.detail else "")
                  + f", real {real.end}" + (f" ({real.detail})" if real.detail else ""))
     if model.tail or real.tail:
-        lines.append(f"  after the last stop: model [{_exits_text(model.tail)}], real [{_exits_text(real.tail)}]")
+        lines.append(f"  after the last stop: model [{exits_text(model.tail)}], real [{exits_text(real.tail)}]")
     return "\n".join(lines)
 
 
@@ -362,23 +346,27 @@ def triage_on_kernels(buckets, names: list[str]) -> None:
     trace is identical to its era model's, which does or does not diverge
     from the reference.  A kernel that departs from its era model is flagged."""
     from oracle.case import load_case
-    from oracle.realkvm import kernels, vm
+    from oracle.realkvm import vm
+    from oracle.realkvm.batch import difference
     from oracle.run import check
     cases = [(b.smallest["reproducer"], load_case(b.smallest["reproducer"])) for b in buckets]
     for name in names:
+        kernel = resolve_kernel(name)
+        era = _era_of(kernel)
+        if era is None:
+            fail(f"triage on {name}: cannot tell the kernel's version, so not which era stands for it")
+        eras = eras_arg(era)
         try:
-            kernel = kernels.resolve(name)
             traces, _ = vm.run_cases(cases, kernel)
         except RealKvmError as e:
             fail(f"triage on {name}: {e}")
-        era = _era_of(kernel)
         for b, (_, case), real in zip(buckets, cases, traces):
-            if not real.sent:
+            if not real.compared:
                 b.real[name] = "not reproducible here"
             elif real.failed:
                 b.real[name] = f"error ({real.end})"
             else:
-                (model,) = check(case, eras_arg(era))
+                (model,) = check(case, eras)
                 if difference(model.model, real) is not None:
                     b.real[name] = f"differs from era {era}"
                 else:

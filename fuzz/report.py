@@ -1,12 +1,14 @@
 """Readable and machine-readable renderings of oracle results."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from oracle.asm import disasm
-from oracle.run import Result
 from oracle.case import Case
-from oracle.trace import Stop
+from oracle.trace import Exit, Stop
+
+if TYPE_CHECKING:
+    from oracle.run import Result
 
 ROW_LIMIT = 60          # longer traces are shown around the divergence
 
@@ -18,24 +20,36 @@ def result_json(r: Result, source: str) -> dict[str, Any]:
         "era": r.era.id,
         "reference": [{"pc": pc, "steps": 1} for pc in r.reference.pcs],
         "reference_end": r.reference.outcome,
-        "model": [_model_stop(s) for s in r.model.stops],
+        "model": [stop_json(s) for s in r.model.stops],
         "model_end": r.model.outcome,
         "divergence": r.divergence.to_json() if r.divergence else None,
     }
 
 
-def _model_stop(s: Stop) -> dict[str, Any]:
+def stop_json(s: Stop) -> dict[str, Any]:
     out: dict[str, Any] = {"pc": s.pc, "steps": s.steps, "isv": s.isv, "hsr": s.hsr}
     if s.exits:
         out["exits"] = [f"{e.kind} {e.detail}".strip() for e in s.exits]
     return out
 
 
-def _insn(r: Result, pc: int) -> str:
-    case = r.case
+def exits_text(exits: Iterable[Exit]) -> str:
+    return ", ".join(f"{e.kind} {e.detail}".strip() for e in exits)
+
+
+def insn_at(case: Case, pc: int) -> str:
+    """The instruction at `pc` of the case's code, disassembled."""
     if case.base <= pc < case.end:
         return disasm(case.words[(pc - case.base) >> 2], pc)
     return "b ." if pc == case.end else "?"
+
+
+def shown_rows(n: int, focus: int, show_all: bool = False) -> list[int]:
+    """Which of n table rows to show: all of a short table, else the start,
+    around `focus` and the end."""
+    if n <= ROW_LIMIT or show_all:
+        return list(range(n))
+    return sorted(set(range(5)) | set(range(max(0, focus - 8), min(n, focus + 8))) | set(range(n - 3, n)))
 
 
 def result_table(r: Result, source: str, show_all: bool = False) -> str:
@@ -46,23 +60,18 @@ def result_table(r: Result, source: str, show_all: bool = False) -> str:
     ref, model = r.reference.pcs, r.model.stops
     rows = max(len(ref), len(model))
     lines = [head, f"  {'stop':>4}  {'instruction completed (reference)':<38} {'reference':<16} {'model':<16} isv  exits in between"]
-    focus = d.stop if d else 0
-    shown = range(rows)
-    if rows > ROW_LIMIT and not show_all:
-        keep = set(range(5)) | set(range(max(0, focus - 8), min(rows, focus + 8))) | set(range(rows - 3, rows))
-        shown = sorted(keep)
     prev = -1
     log_pcs = r.log.pcs
-    for i in shown:
+    for i in shown_rows(rows, d.stop if d else 0, show_all):
         if i != prev + 1:
             lines.append(f"  {'...':>4}")
         prev = i
-        insn = f"{log_pcs[i]:#x} {_insn(r, log_pcs[i])}" if i < len(ref) else ""
+        insn = f"{log_pcs[i]:#x} {insn_at(r.case, log_pcs[i])}" if i < len(ref) else ""
         rcol = f"{ref[i]:#x} x1" if i < len(ref) else "-"
         if i < len(model):
             s = model[i]
             mcol, isv = f"{s.pc:#x} x{s.steps}", str(s.isv)
-            exits = ", ".join(f"{e.kind} {e.detail}".strip() for e in s.exits)
+            exits = exits_text(s.exits)
         else:
             mcol, isv, exits = "-", " ", ""
         mark = "  << " + d.kind if d and i == d.stop else ""
@@ -70,7 +79,7 @@ def result_table(r: Result, source: str, show_all: bool = False) -> str:
     lines.append(f"  end: reference {r.reference.outcome}, model {r.model.outcome}"
                  + (f" ({r.model.detail})" if r.model.detail and r.model.outcome != r.reference.outcome else ""))
     if r.model.tail:
-        lines.append("  after the last stop: " + ", ".join(f"{e.kind} {e.detail}".strip() for e in r.model.tail))
+        lines.append("  after the last stop: " + exits_text(r.model.tail))
     if d and d.detail:
         lines.append(f"  {d.detail}")
     return "\n".join(lines)

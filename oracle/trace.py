@@ -31,6 +31,11 @@ def events_only(why: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(w for w in why if not w.startswith("|"))
 
 
+def numbered_exits(stops: "list[Stop]", tail: "tuple[Exit, ...]") -> "list[tuple[int, Exit]]":
+    """Every non-stop exit of a trace with the number of stops before it."""
+    return [(i, e) for i, s in enumerate(stops) for e in s.exits] + [(len(stops), e) for e in tail]
+
+
 class Stop(NamedTuple):
     pc: int
     steps: int                # instructions completed since the previous stop

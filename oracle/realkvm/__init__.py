@@ -27,6 +27,12 @@ def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
     return Path(base) / "stepfuzz"
 
 
+def last_line(text: str, default: str) -> str:
+    """The last non-empty line of a tool's output, for a one-line error."""
+    lines = text.strip().splitlines()
+    return lines[-1].strip() if lines else default
+
+
 def need_tool(name: str, package: str) -> str:
     """The path of `name`, or a one-line error naming the Debian package that has it."""
     path = shutil.which(name)

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 from ..case import Case
 from ..guest import END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, UNSUPPORTED_INSN, ExecLog
-from ..trace import Exit, Stop, Trace
+from ..trace import Exit, Stop, Trace, numbered_exits
 
-MARK = "@@sf "
 CASE_TIMEOUT_BASE_MS = 5000     # per case: setup, prefault and slack under nested TCG
 CASE_TIMEOUT_PER_STEP_MS = 4    # plus this per allowed step
 REG_INDEX = {f"x{i}": i for i in range(31)} | {"sp": 31}
@@ -54,11 +53,15 @@ class RealTrace:
     detail: str = ""
     notes: list[str] = field(default_factory=list)
     console: str = ""          # the console's last lines, when the run failed
-    steps_inferred: bool = True
 
     @property
     def sent(self) -> bool:
         return not self.end.startswith((NOT_REPRODUCIBLE, NOT_COMPARABLE))
+
+    @property
+    def compared(self) -> bool:
+        """The kernel ran the case (its trace can be compared with a model's)."""
+        return self.sent and not self.end.startswith(UNSUPPORTED)
 
     @property
     def failed(self) -> bool:
@@ -68,8 +71,7 @@ class RealTrace:
     @property
     def exits(self) -> list[tuple[int, Exit]]:
         """Every non-stop exit with the number of stops before it."""
-        out = [(i, e) for i, s in enumerate(self.stops) for e in s.exits]
-        return out + [(len(self.stops), e) for e in self.tail]
+        return numbered_exits(self.stops, self.tail)
 
 
 def skip_reason(case: Case, log: ExecLog) -> RealTrace | None:
@@ -188,7 +190,7 @@ class Parser:
         elif reason == "max-runs":
             t.end, detail = "error:too-many-runs", "8 x max_steps + 64 KVM_RUN calls without an ending"
         elif reason == "unsupported":
-            t.end = f"{UNSUPPORTED}"
+            t.end = UNSUPPORTED
         else:
             t.end = f"error:{reason}"
         t.detail = detail

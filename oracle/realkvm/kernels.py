@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import RealKvmError, cache_root, need_tool
+from . import RealKvmError, cache_root, last_line, need_tool
 
 Log = Callable[[str], None]
 
@@ -306,7 +306,7 @@ class Apt:
         """The newest record of `package` (Version, Filename, Depends, ...)."""
         p = self._run("apt-cache", "show", "--no-all-versions", package)
         if p.returncode != 0:
-            raise RealKvmError(f"apt-cache show {package}: {p.stderr.strip().splitlines()[-1:] or p.returncode}")
+            raise RealKvmError(f"apt-cache show {package}: {last_line(p.stderr, f'exit {p.returncode}')}")
         record: dict[str, str] = {}
         for line in p.stdout.splitlines():
             if not line.strip():
@@ -320,8 +320,8 @@ class Apt:
         p = self._run("apt-get", "-q", "download", f"{package}={version}", cwd=into)
         debs = sorted(into.glob("*.deb"))
         if p.returncode != 0 or not debs:
-            last = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
-            raise RealKvmError(f"apt-get download {package}={version} failed: {last[0]}")
+            raise RealKvmError(f"apt-get download {package}={version} failed: "
+                               f"{last_line(p.stderr or p.stdout, f'exit {p.returncode}')}")
         return debs[0]
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 from ..case import Case
 from ..guest import execute
-from . import RealKvmError, cache_root, need_tool
+from . import RealKvmError, cache_root, last_line, need_tool
 from .batch import Parser, RealTrace, case_timeout_ms, encode, infer_steps, skip_reason
 from .kernels import Kernel
 
@@ -75,7 +75,7 @@ def build_runner(root: Path | None = None, for_native: bool = False) -> Path:
             raise RealKvmError(f"<linux/kvm.h> for arm64 not found: install the Debian package {KVM_HEADER_PACKAGE}")
         if not for_native and ("No such file" in p.stderr or "cannot find -lc" in p.stderr):
             raise RealKvmError(f"the arm64 C library is missing: install the Debian package {CROSS_LIBC_PACKAGE}")
-        raise RealKvmError(f"cannot compile the runner: {p.stderr.strip().splitlines()[-1:]}")
+        raise RealKvmError(f"cannot compile the runner: {last_line(p.stderr, f'exit {p.returncode}')}")
     tmp.rename(out)
     return out
 
@@ -267,7 +267,10 @@ def run_program(program: Path, kernel: Kernel | None, root: Path | None = None,
                 boot_timeout: float = BOOT_TIMEOUT, timeout: float = 600.0) -> tuple[int, RunStats, str]:
     """Boot `kernel` with `program` as /prog, relay its output; (exit status, stats, console tail)."""
     if kernel is None:
-        p = subprocess.run([str(program)])
+        try:
+            p = subprocess.run([str(program.resolve())])
+        except OSError as e:
+            raise RealKvmError(f"{program}: cannot run it: {e.strerror}") from None
         return p.returncode, RunStats(), ""
     check_tools(kernel)
     runner = build_runner(root)
