@@ -12,9 +12,14 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oracle.guest import END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, UNSUPPORTED_INSN
+from oracle.kvm.vmm import STUCK
+
 from .crashes import crash_records
 
-ENDINGS = {"end", "max-steps", "guest-exception", "unsupported", "no-syndrome", "left-code", "stuck"}
+# how a run ended: context in a cause, never a trigger
+ENDINGS = {END, MAX_STEPS, GUEST_EXCEPTION, UNSUPPORTED_INSN, NO_SYNDROME, LEFT_CODE, STUCK}
+COLUMNS = ["effect", "trigger", "eras", "signatures", "hits", "first seen", "last seen", "smallest reproducer"]
 EFFECT = {"zero-step": "0 instructions per stop", "multi-step": "2+ instructions per stop",
           "missing-stop": "2+ instructions per stop", "skipped-instruction": "an instruction skipped",
           "extra-stop": "an extra stop", "pc-mismatch": "a stop at the wrong PC",
@@ -44,6 +49,20 @@ class Bucket:
             return (m.get("min_insns", m.get("case_insns", 1 << 30)), m["era"])
         return min(self.members, key=key)
 
+    def cells(self, reproducer: str, show_real: bool) -> list[str]:
+        """One report row, the reproducer cell as given."""
+        out = [self.effect, self.trigger, ", ".join(self.eras), str(len(self.members)), str(self.count),
+               min(m.get("first_seen", "") for m in self.members), max(m.get("last_seen", "") for m in self.members),
+               reproducer]
+        if show_real:
+            out.append(", ".join(f"{k}: {v}" for k, v in sorted(self.real.items())) or "-")
+        return out
+
+    @property
+    def smallest_insns(self) -> int | str:
+        small = self.smallest
+        return small.get("min_insns", small.get("case_insns", "?"))
+
 
 def root_cause(info: dict) -> tuple[str, str]:
     tokens = [t for t in info.get("cause", "").split("+") if t and t not in ENDINGS]
@@ -66,20 +85,14 @@ def collect(crashes: Path) -> list[Bucket]:
 
 def markdown(buckets: list[Bucket], title: str) -> str:
     show_real = any(b.real for b in buckets)
-    head = "| effect | trigger | eras | signatures | hits | first seen | last seen | smallest reproducer |"
-    if show_real:
-        head += " real kernels |"
+    cols = COLUMNS + ["real kernels"] * show_real
     lines = [f"# {title}", "", f"{len(buckets)} root causes, {sum(len(b.members) for b in buckets)} signatures.", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for b in buckets:
         small = b.smallest
-        insns = small.get("min_insns", small.get("case_insns", "?"))
-        row = (f"| {b.effect} | {b.trigger} | {', '.join(b.eras)} | {len(b.members)} | {b.count} | "
-               f"{min(m.get('first_seen', '') for m in b.members)} | {max(m.get('last_seen', '') for m in b.members)} | "
-               f"`{small['reproducer']}` ({insns} insns, `stepfuzz run {small['reproducer']} --era {small['era']}`) |")
-        if show_real:
-            row += " " + (", ".join(f"{k}: {v}" for k, v in sorted(b.real.items())) or "-") + " |"
-        lines.append(row)
+        repro = (f"`{small['reproducer']}` ({b.smallest_insns} insns, "
+                 f"`stepfuzz run {small['reproducer']} --era {small['era']}`)")
+        lines.append("| " + " | ".join(b.cells(repro, show_real)) + " |")
     lines += ["", "## Signatures", ""]
     for b in buckets:
         for m in sorted(b.members, key=lambda m: m["signature"]):
@@ -89,17 +102,10 @@ def markdown(buckets: list[Bucket], title: str) -> str:
 
 def to_html(buckets: list[Bucket], title: str) -> str:
     show_real = any(b.real for b in buckets)
-    cols = ["effect", "trigger", "eras", "signatures", "hits", "first seen", "last seen", "smallest reproducer"]
-    if show_real:
-        cols.append("real kernels")
+    cols = COLUMNS + ["real kernels"] * show_real
     rows = []
     for b in buckets:
-        small = b.smallest
-        cells = [b.effect, b.trigger, ", ".join(b.eras), str(len(b.members)), str(b.count),
-                 min(m.get("first_seen", "") for m in b.members), max(m.get("last_seen", "") for m in b.members),
-                 f"{small['reproducer']} ({small.get('min_insns', small.get('case_insns', '?'))} insns)"]
-        if show_real:
-            cells.append(", ".join(f"{k}: {v}" for k, v in sorted(b.real.items())) or "-")
+        cells = b.cells(f"{b.smallest['reproducer']} ({b.smallest_insns} insns)", show_real)
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>td,th{border:1px solid #ccc;padding:4px;font:13px sans-serif}table{border-collapse:collapse}</style>"
