@@ -1,6 +1,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,12 @@ CORPUS = REPO / "corpus"
 CODE = {"base": "0x10000", "size": "0x10000", "kind": "ram", "prefault": True}
 DATA = {"base": "0x40000", "size": "0x4000", "kind": "ram"}
 MMIO = {"base": "0x20000000", "size": "0x1000", "kind": "mmio"}
+
+
+def stepfuzz(*args, timeout: float = 900, cwd: Path = REPO, env: dict | None = None):
+    """Run the stepfuzz command as a user would (python -m, in the repository)."""
+    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
 
 
 def make(asm: str, regs=None, memory=(CODE,), events=(), **extra) -> dict:
@@ -52,10 +60,14 @@ def tools():
 
 @pytest.fixture(scope="session")
 def kernel(tools):
-    """name -> Kernel, fetched into the cache when missing."""
-    got = {}
+    """name -> Kernel, fetched into the cache when missing (once: a failed
+    fetch is remembered for the session, not tried again by every test)."""
+    got: dict[str, object] = {}
+    failed: dict[str, str] = {}
 
     def get(name: str):
+        if name in failed:
+            unavailable(failed[name])
         if name not in got:
             try:
                 got[name] = kernels.resolve(name)
@@ -64,6 +76,7 @@ def kernel(tools):
                     kernels.fetch(name, log=lambda line: None)
                     got[name] = kernels.resolve(name)
                 except RealKvmError as e:
-                    unavailable(f"kernel {name} cannot be fetched: {e}")
+                    failed[name] = f"kernel {name} cannot be fetched: {e}"
+                    unavailable(failed[name])
         return got[name]
     return get

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS
+from conftest import CORPUS, stepfuzz
 import fuzz.mutate as mutate
 from fuzz.crashes import CrashStore
 from fuzz.encoding import EVENT_KINDS, MAGIC, NotACase, decode, decode_input, encode
@@ -18,11 +18,6 @@ from fuzz.generate import generate
 from oracle.case import IPA_LIMIT, PAGE, load_case, parse_case
 from oracle.kvm.eras import select
 from oracle.run import check
-
-
-def stepfuzz(*args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
 
 
 # ---------------------------------------------------------------- encoding

@@ -1,13 +1,7 @@
 """`stepfuzz run`, `case check` and `eras` as a user runs them."""
 import json
-import subprocess
-import sys
 
-from conftest import CODE, CORPUS, MMIO, make
-
-
-def stepfuzz(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+from conftest import CODE, CORPUS, MMIO, make, stepfuzz
 
 
 def test_json_lines_follow_the_contract():

@@ -3,11 +3,10 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import CORPUS, REPO
+from conftest import CORPUS, REPO, stepfuzz
 from fuzz.encoding import NotACase, decode_input
 from oracle.case import load_case
 from oracle.kvm.eras import select
@@ -16,11 +15,6 @@ from oracle.run import check
 HARNESS = REPO / "fuzz" / "stepfuzz_fuzzer.py"
 COLLECT = ["--collect-all", "unicorn", "--collect-all", "capstone", "--collect-all", "keystone",
            "--collect-all", "atheris"]
-
-
-def stepfuzz(*args, timeout=600, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO)
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,11 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 
-from conftest import CORPUS, REPO
+from conftest import CORPUS, stepfuzz
 from fuzz import insns as I
 from fuzz.crashes import CrashStore
 from fuzz.export import c_comment, c_string, selftest, standalone
@@ -16,11 +15,6 @@ from fuzz.minimize import minimize
 from oracle.case import load_case
 from oracle.kvm.eras import ERAS, select
 from oracle.run import check
-
-
-def stepfuzz(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 def padded_6_1_case():

@@ -8,12 +8,11 @@ fail.
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import CODE, CORPUS, MMIO, REPO, make
+from conftest import CODE, CORPUS, MMIO, REPO, make, stepfuzz
 from oracle.case import load_case, parse_case
 from oracle.guest import execute
 from oracle.realkvm import kernels
@@ -24,11 +23,6 @@ KERNELS = ("6.1", "latest")
 CORPUS_FILES = sorted(str(p.relative_to(REPO)) for p in CORPUS.rglob("*.json"))
 TIMED_EVENTS = ("before", "after", "trap")     # host-irq / trap-signal: not reproducible under TCG
 PROBE, PROBE_IE = "corpus/real-kernel/probe.json", "corpus/real-kernel/probe-immediate-exit.json"
-
-
-def stepfuzz(*args, timeout=900, env=None):
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")

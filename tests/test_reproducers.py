@@ -9,11 +9,10 @@ still diverges on that era (the 5.13 signal-after-sysreg case on 5.10, where
 the emulated sysreg alone takes two steps).
 """
 import subprocess
-import sys
 
 import pytest
 
-from conftest import CORPUS, REPO
+from conftest import CORPUS, stepfuzz
 from fuzz.export import as_reproduced
 from oracle.case import load_case
 from oracle.kvm.eras import ERAS
@@ -22,11 +21,6 @@ from oracle.realkvm import kernels as K
 
 KNOWN = sorted((CORPUS / "known").glob("*.json"))
 KERNELS = ("5.10", "6.1", "latest")
-
-
-def stepfuzz(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,6 @@ import shlex
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, REPO, unavailable
+from conftest import CORPUS, stepfuzz, unavailable
 from oracle.case import load_case
 from oracle.realkvm import RealKvmError, cache_root, kernels
 
@@ -75,11 +74,6 @@ TREES = {t.name: t for t in (
     Tree("latest", "latest", r"linux-source-(\d+)\.(\d+)"),
     Tree("6.1", "6.1", r"linux-source-(6)\.(1)"),
 )}
-
-
-def stepfuzz(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout)
 
 
 def clean_env() -> dict[str, str]:
