@@ -31,6 +31,11 @@ def events_only(why: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(w for w in why if not w.startswith("|"))
 
 
+def mmio_exit(write: bool, size: int, addr: int, data: int) -> "Exit":
+    """A KVM_EXIT_MMIO as traces show it, model and real alike."""
+    return Exit("mmio", f"{'write' if write else 'read'} {size} bytes at {addr:#x}: {data:#x}")
+
+
 def numbered_exits(stops: "list[Stop]", tail: "tuple[Exit, ...]") -> "list[tuple[int, Exit]]":
     """Every non-stop exit of a trace with the number of stops before it."""
     return [(i, e) for i, s in enumerate(stops) for e in s.exits] + [(len(stops), e) for e in tail]

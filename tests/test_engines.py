@@ -1,5 +1,6 @@
 """Beyond one machine: the harness packed as ClusterFuzzLite packs it, and merging."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -80,7 +81,7 @@ def _features(dirs, tmp_path) -> int:
     from fuzz.campaign import harness_launcher
     p = subprocess.run([str(harness_launcher()), "-runs=0", "-max_len=4096", *map(str, dirs)],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                       env={**__import__("os").environ, "STEPFUZZ_CRASHES": str(tmp_path / "ignored")})
+                       env={**os.environ, "STEPFUZZ_CRASHES": str(tmp_path / "ignored")})
     return int(re.search(r"INITED .*?ft: (\d+)", p.stderr).group(1))
 
 

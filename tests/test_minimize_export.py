@@ -24,7 +24,7 @@ def padded_6_1_case():
     known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
     noise = [I.add_imm(rnd.randrange(8), rnd.randrange(8), rnd.randrange(4096)) for _ in range(19)]
     loads = [I.ldst_uimm(3, 1, 5, 20, 8 * i) for i in range(3)] + [I.debug_reg(True, 6, 4, 1)]
-    words = noise[:10] + loads + [known.words[1], I.add_imm(0, 0, 1)] + noise[10:] + loads[:2] + [I.hvc()] * 0
+    words = noise[:10] + loads + [known.words[1], I.add_imm(0, 0, 1)] + noise[10:] + loads[:2]
     words += [I.NOP] * (40 - len(words))
     regs = dict(known.regs) | {"x20": 0x40000}
     memory = known.memory + (load_case(CORPUS / "exits" / "stage2-data-fault.json").memory[1],)

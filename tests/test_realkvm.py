@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import CODE, CORPUS, MMIO, REPO, make, stepfuzz
-from oracle.case import load_case, parse_case
+from oracle.case import INSN_EVENTS, load_case, parse_case
 from oracle.guest import execute
 from oracle.realkvm import kernels
 from oracle.realkvm.batch import Parser, RealTrace, difference, encode, infer_steps
@@ -21,7 +21,6 @@ from oracle.trace import HSR_NOT_STEPPED, HSR_STEPPED, Exit, Stop, Trace
 
 KERNELS = ("6.1", "latest")
 CORPUS_FILES = sorted(str(p.relative_to(REPO)) for p in CORPUS.rglob("*.json"))
-TIMED_EVENTS = ("before", "after", "trap")     # host-irq / trap-signal: not reproducible under TCG
 PROBE, PROBE_IE = "corpus/real-kernel/probe.json", "corpus/real-kernel/probe-immediate-exit.json"
 
 
@@ -59,7 +58,7 @@ def test_corpus_case_is_identical_on_the_real_kernel(checked, name, case):
     outcome = execute(c).outcome
     if outcome in ("unsupported", "guest-exception"):
         assert line["status"] == f"not-comparable:{outcome}"
-    elif any(e.when in TIMED_EVENTS for e in c.events):
+    elif any(e.when in INSN_EVENTS for e in c.events):      # host-irq / trap-signal: not under TCG
         assert line["status"].startswith("not-reproducible:")
         assert line["detail"].startswith("not reproducible here: ")
     else:

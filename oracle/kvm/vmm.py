@@ -9,7 +9,7 @@ import bisect
 import itertools
 
 from ..guest import END, MAX_STEPS, ExecLog
-from ..trace import DONE_NATIVE, HSR_STEPPED, Exit, Stop, Trace
+from ..trace import DONE_NATIVE, HSR_STEPPED, Exit, Stop, Trace, mmio_exit
 from .eras import Era
 from .hardware import GuestHw
 from .kernel import EINTR, ENOSYS, EXIT_DEBUG, EXIT_MMIO, GUEST_ENDED, Kvm
@@ -131,7 +131,7 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
         elif ret == EXIT_MMIO:
             n_mmio += 1
             a = kvm.mmio_access
-            exits.append(Exit("mmio", f"{'write' if a.write else 'read'} {a.size} bytes at {a.addr:#x}: {a.value:#x}"))
+            exits.append(mmio_exit(a.write, a.size, a.addr, a.value))
             next_run = after_mmio.get(n_mmio, [])
         elif ret == EINTR:
             exits.append(Exit("eintr"))

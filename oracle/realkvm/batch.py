@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..case import Case
 from ..guest import END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, UNSUPPORTED_INSN, ExecLog
-from ..trace import Exit, Stop, Trace, numbered_exits
+from ..trace import Exit, Stop, Trace, mmio_exit, numbered_exits
 
 CASE_TIMEOUT_BASE_MS = 5000     # per case: setup, prefault and slack under nested TCG
 CASE_TIMEOUT_PER_STEP_MS = 4    # plus this per allowed step
@@ -156,8 +156,7 @@ class Parser:
                 self._records += 1
             elif kind == "M":
                 direction, addr, size, data = args[0], int(args[1], 16), int(args[2]), int(args[3], 16)
-                verb = "write" if direction == "w" else "read"
-                self._exits.append(Exit("mmio", f"{verb} {size} bytes at {addr:#x}: {data:#x}"))
+                self._exits.append(mmio_exit(direction == "w", size, addr, data))
                 self._records += 1
             elif kind == "I":
                 self._exits.append(Exit("eintr"))
