@@ -182,11 +182,12 @@ def run(cfg: Config) -> int:
     for w in warnings:
         print(f"stepfuzz: warning: {w}", file=sys.stderr)
     known = sum(1 for _ in crash_records(cfg.crashes))
+    resuming = (cfg.crashes / "campaign.json").exists()      # an earlier campaign ran on these directories
     started = time.time()
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     say(f"stepfuzz: seed {seed} (reuse with --seed {seed}); eras {cfg.eras}; "
-        f"corpus {cfg.corpus} ({entries} entries{', resuming' if entries else ''}); "
-        f"crashes {cfg.crashes} ({known} known divergences)")
+        f"corpus {cfg.corpus} ({entries} entries); crashes {cfg.crashes} ({known} known divergences)"
+        + ("; resuming" if resuming else ""))
     write_atomic(cfg.crashes / "campaign.json", json.dumps(
         {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
          "seed": seed, "started": started, "started_iso": now_iso(), "pid": os.getpid()}, indent=2))

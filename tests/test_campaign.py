@@ -151,6 +151,7 @@ def test_resume_keeps_everything_and_skips_junk_with_a_warning(tmp_path):
     first = stepfuzz(*args, "--seed", "1")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "broken.json: not valid JSON" in first.stderr and "left in place" in first.stderr
+    assert "resuming" not in first.stderr            # seeds alone are not an earlier campaign
     entries = set(p.name for p in corpus.iterdir())
     sigs = {d["signature"] for d in _divergences(crashes)}
     assert "5.11/multi-step/irq-pending" in sigs
