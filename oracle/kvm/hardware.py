@@ -40,7 +40,7 @@ class HwExit(NamedTuple):
 
 
 class GuestHw:
-    def __init__(self, log: ExecLog):
+    def __init__(self, log: ExecLog, irq_before: frozenset[int], irq_after: frozenset[int]):
         self.log = log
         self.case: Case = log.case
         self.pc = log.case.base
@@ -50,8 +50,8 @@ class GuestHw:
         self.ss = False               # PSTATE.SS as saved in the vCPU's cpsr
         self.retired = 0              # instructions completed, in total
         self.irq_armed = False        # a host interrupt is pending
-        self.irq_before = {e.at - 1 for e in log.case.events if e.when == "before"}
-        self.irq_after = {e.at - 1 for e in log.case.events if e.when == "after"}
+        self.irq_before = set(irq_before)   # host interrupts before / after an instruction,
+        self.irq_after = irq_after          # by dynamic index (from the case's events)
         self.skipped: list[int] = []  # PCs skipped without running
         self.entry_pc = self.pc
         self.why: list[str] = []      # events seen since the last stop (for signatures)

@@ -31,12 +31,25 @@ def _state(kvm: Kvm, hw: GuestHw) -> tuple:
             kvm.increment_pc, kvm.ss_active_pending, kvm.host_ss_active_pending, kvm.signal)
 
 
-class _Plain:
-    """Per execution log, shared by every era: where runs of ordinary
+class _Shared:
+    """Per execution log, computed once and shared by every era: the case's
+    exit schedule as the run loop consumes it, where runs of ordinary
     instructions (completing natively, nothing to report, no event) end, and
     the stop each of them gives."""
 
-    def __init__(self, log: ExecLog, timed: set[int]):
+    def __init__(self, log: ExecLog):
+        events = log.case.events
+        self.irq_before = frozenset(e.at - 1 for e in events if e.when == "before")
+        self.irq_after = frozenset(e.at - 1 for e in events if e.when == "after")
+        self.signal_on_trap = frozenset(e.at - 1 for e in events if e.when == "trap")
+        self.after_mmio: dict[int, list[str]] = {}
+        self.after_stop: dict[int, list[str]] = {}
+        for e in events:
+            if e.when == "mmio-exit":
+                self.after_mmio.setdefault(e.at, []).append(e.what)
+            elif e.when == "stop":
+                self.after_stop.setdefault(e.at, []).append(e.what)
+        self.stop_events = sorted(self.after_stop)
         n, pcs = log.n, log.pcs
         # built in C (Stop's own __new__ is Python code, and this runs once per case)
         one = itertools.repeat
@@ -44,17 +57,17 @@ class _Plain:
                                           zip(pcs[1:n + 1], one(1), one(HSR_STEPPED), one(()), one(PLAIN_WHY))))
         # run_end[i]: the first index >= i that the full loop must handle
         odd, end = log.load_exclusive_pcs, log.case.end
-        handled = set(log.specials) | timed
+        handled = set(log.specials) | self.irq_before | self.irq_after | self.signal_on_trap
         handled.update(i for i in range(n) if pcs[i] in odd or pcs[i + 1] == end)
         self.run_end: list[int] = []
         for b in sorted(i for i in handled if i < n) + [n]:
             self.run_end += [b] * (b + 1 - len(self.run_end))
 
 
-def _plain(log: ExecLog, timed: set[int]) -> _Plain:
-    cached = getattr(log, "_plain", None)
+def _shared(log: ExecLog) -> _Shared:
+    cached = getattr(log, "_shared", None)
     if cached is None:
-        cached = log._plain = _Plain(log, timed)
+        cached = log._shared = _Shared(log)
     return cached
 
 
@@ -63,16 +76,11 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
     reference's stop PCs) the run ends at the first stop that differs from
     them: all a signature needs, for a fraction of the cost."""
     case = log.case
-    hw = GuestHw(log)
+    shared = _shared(log)
+    hw = GuestHw(log, shared.irq_before, shared.irq_after)
     kvm = Kvm(era, hw)
-    kvm.signal_on_trap = {e.at - 1 for e in case.events if e.when == "trap"}
-    after_mmio: dict[int, list[str]] = {}
-    after_stop: dict[int, list[str]] = {}
-    for e in case.events:
-        if e.when == "mmio-exit":
-            after_mmio.setdefault(e.at, []).append(e.what)
-        elif e.when == "stop":
-            after_stop.setdefault(e.at, []).append(e.what)
+    kvm.signal_on_trap = set(shared.signal_on_trap)
+    after_mmio, after_stop = shared.after_mmio, shared.after_stop
 
     stops: list[Stop] = []
     exits: list[Exit] = []
@@ -82,17 +90,14 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
     next_run: list[str] = []
     budget = 8 * case.max_steps + 64
     outcome, detail = STUCK, "no progress"
-    timed = hw.irq_before | hw.irq_after | kvm.signal_on_trap
-    plain = _plain(log, timed)
-    stop_events = sorted(after_stop)
-    run_end = plain.run_end
+    run_end = shared.run_end
     for _ in range(budget):
         idx = hw.idx
         # the next instruction is ordinary, and nothing is pending
         ordinary = idx < log.n and run_end[idx] > idx and not next_run and not exits and not hw.why \
             and hw.log is log
         if ordinary and FAST_FORWARD:
-            n = _fast_forward(kvm, hw, plain, stops, stop_events, case)
+            n = _fast_forward(kvm, hw, shared, stops, case)
             if n:
                 last_retired = hw.retired
                 continue
@@ -151,22 +156,23 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
     return trace
 
 
-def _fast_forward(kvm: Kvm, hw: GuestHw, plain: _Plain, stops: list[Stop], stop_events: list[int], case) -> int:
+def _fast_forward(kvm: Kvm, hw: GuestHw, shared: _Shared, stops: list[Stop], case) -> int:
     """Apply a run of ordinary instructions from a steady state; returns how many."""
     if _state(kvm, hw) not in _STEADY:
         return 0
     start = hw.idx
-    if start >= len(plain.run_end):
+    if start >= len(shared.run_end):
         return 0
     # leave the last instruction of the run, and anything at an end condition
     # or a scheduled event, to the full loop
-    i = min(plain.run_end[start], start + case.max_steps - hw.retired - 1)
+    i = min(shared.run_end[start], start + case.max_steps - hw.retired - 1)
+    stop_events = shared.stop_events
     k = bisect.bisect_right(stop_events, len(stops))
     if k < len(stop_events):
         i = min(i, start + stop_events[k] - len(stops) - 1)
     if i <= start:
         return 0
-    stops.extend(plain.ideal[start:i])
+    stops.extend(shared.ideal[start:i])
     hw.idx, hw.pc = i, hw.log.pcs[i]
     hw.retired += i - start
     return i - start
