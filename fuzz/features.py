@@ -58,10 +58,17 @@ def _key(era: str, why: tuple[str, ...], steps: int, isv: int) -> int:
     return h
 
 
-def observe(r: Result) -> None:
-    era = r.era.id
-    for s in r.model.stops:
-        if s.why != PLAIN or s.steps != 1:
-            bucket(_key(era, s.why, s.steps, s.isv))
-    if r.divergence is not None:
-        bucket(zlib.crc32(r.divergence.signature.encode()))
+def observe(results: list[Result]) -> None:
+    """One execution's behaviours, each walked once: a behaviour is news or
+    not, how often one input repeats it is not (and walking each repeat
+    costs more than the rest of this module)."""
+    keys = set()
+    for r in results:
+        era = r.era.id
+        for s in r.model.stops:
+            if s.why != PLAIN or s.steps != 1:
+                keys.add(_key(era, s.why, s.steps, s.isv))
+        if r.divergence is not None:
+            keys.add(zlib.crc32(r.divergence.signature.encode()))
+    for h in keys:
+        bucket(h)

@@ -84,9 +84,9 @@ def test_one_input(data: bytes) -> None:
     except Exception as e:      # an oracle bug: keep the input, go on
         STATS.oracle_error(data, e)
         return
+    features.observe(results)
     new = []
     for r in results:
-        features.observe(r)
         if r.divergence is not None and STORE.record(r, STATS.execs):
             new.append(r.divergence.signature)
     STATS.tick(len(STORE.seen))
