@@ -8,6 +8,10 @@ Workers of one campaign and campaigns on the same directory share it: the
 first to create a signature's directory writes it, later hits only add to
 its count (batched, under a lock).  Every file is written to a temporary
 name and renamed, so a kill never leaves a half-written file.
+
+A signature gets a directory only if a fresh check of the case gives it
+again: a divergence that does not reproduce is a bug in stepfuzz (state
+leaking from one execution into the next), never a finding to report.
 """
 from __future__ import annotations
 
@@ -63,6 +67,14 @@ class _Pending:
     best: Result | None = None
 
 
+class UnstableDivergence(Exception):
+    """A divergence the same case does not give when checked again."""
+
+    def __init__(self, message: str, signature: str):
+        super().__init__(message)
+        self.key = signature          # one kept input per signature
+
+
 class CrashStore:
     def __init__(self, root: Path, worker: str = "", started: float | None = None):
         self.root = Path(root)
@@ -74,13 +86,16 @@ class CrashStore:
         self.last_flush = time.monotonic()
 
     def record(self, r: Result, execs: int = 0) -> bool:
-        """Keep a divergent result; True if its signature is new to the store."""
+        """Keep a divergent result; True if its signature is new to the store.
+        Raises UnstableDivergence (and keeps nothing) if a new signature does
+        not reproduce."""
         d = r.divergence
         assert d is not None
         sid = d.sig_id
         if sid not in self.seen:
+            whole = self._recheck(r)
             self.seen.add(sid)
-            if self._create(r, execs):
+            if self._create(whole, execs):
                 return True           # counted as 1 on creation
         p = self.pending.setdefault(sid, _Pending())
         p.count += 1
@@ -91,7 +106,19 @@ class CrashStore:
             self.flush()
         return False
 
+    @staticmethod
+    def _recheck(r: Result) -> Result:
+        """The case checked again, whole (campaigns stop a model at its
+        divergence; reports show all of it); it must diverge alike."""
+        (whole,) = check(r.case, [r.era])
+        if whole.divergence is None or whole.divergence.signature != r.divergence.signature:
+            again = whole.divergence.signature if whole.divergence else "agrees"
+            raise UnstableDivergence(f"{r.divergence.signature} did not reproduce on a second check ({again})",
+                                     r.divergence.signature)
+        return whole
+
     def _create(self, r: Result, execs: int) -> bool:
+        """A directory for `r` (a check with whole traces); False if one exists."""
         d = r.divergence
         path = self.root / d.sig_id
         try:
@@ -109,15 +136,15 @@ class CrashStore:
         return True
 
     def _write_case(self, path: Path, r: Result) -> None:
+        """case.json and report.txt of `r`, a check with whole traces."""
         d = r.divergence
         case = r.case.with_words().to_json()
         case["name"] = d.title
         write_atomic(path / "case.json", json.dumps(case, indent=2) + "\n")
         # relative: the directory may be moved or merged into another
         replay = f"stepfuzz run case.json --era {r.era.id}   (in this directory)"
-        (whole,) = check(r.case, [r.era])     # campaigns stop a model at its divergence: show all of it
         write_atomic(path / "report.txt", f"{d.title}\nsignature: {d.signature}\nreplay: {replay}\n\n"
-                     + result_table(whole, "case.json") + "\n")
+                     + result_table(r, "case.json") + "\n")
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
@@ -133,7 +160,7 @@ class CrashStore:
                 info["count"] = info.get("count", 0) + p.count
                 info["last_seen"] = max(info.get("last_seen", ""), now_iso(p.last_seen))
                 if p.best is not None and len(p.best.case.words) < info.get("case_insns", 1 << 30):
-                    self._write_case(path, p.best)
+                    self._write_case(path, check(p.best.case, [p.best.era])[0])
                     info.update(p.best.divergence.to_json())      # the stop as this case shows it
                     info["case_insns"] = len(p.best.case.words)
                 write_atomic(path / "divergence.json", json.dumps(info, indent=2) + "\n")

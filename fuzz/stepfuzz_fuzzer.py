@@ -42,7 +42,7 @@ from oracle.run import check
 from fuzz import features
 from fuzz.encoding import MAX_STEPS_BOUND, NotACase, decode_input
 
-from fuzz.crashes import CrashStore
+from fuzz.crashes import CrashStore, UnstableDivergence
 from fuzz.mutate import custom_crossover, custom_mutator
 from fuzz.workers import WorkerStats
 
@@ -87,8 +87,11 @@ def test_one_input(data: bytes) -> None:
     features.observe(results)
     new = []
     for r in results:
-        if r.divergence is not None and STORE.record(r, STATS.execs):
-            new.append(r.divergence.signature)
+        try:
+            if r.divergence is not None and STORE.record(r, STATS.execs):
+                new.append(r.divergence.signature)
+        except UnstableDivergence as e:     # an oracle bug too: keep the input
+            STATS.keep_error(data, e)
     STATS.tick(len(STORE.seen))
     if CRASH_MODE and new:
         STORE.flush()

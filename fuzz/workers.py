@@ -50,10 +50,17 @@ class WorkerStats:
             "rss_kb": rss_kb(), "unique": unique, "final": final}))
 
     def oracle_error(self, data: bytes, err: Exception) -> None:
+        """An execution that ended in an oracle bug."""
         self.execs += 1
+        self.keep_error(data, err)
+
+    def keep_error(self, data: bytes, err: Exception) -> None:
+        """Keep the input and the error, once per place in the code that raised
+        it (and per `key` the error may carry)."""
         self.errors.mkdir(parents=True, exist_ok=True)
         where = traceback.extract_tb(err.__traceback__)[-1]
-        key = hashlib.sha1(f"{type(err).__name__}:{where.filename}:{where.lineno}".encode()).hexdigest()[:12]
+        place = f"{type(err).__name__}:{where.filename}:{where.lineno}:{getattr(err, 'key', '')}"
+        key = hashlib.sha1(place.encode()).hexdigest()[:12]
         path = self.errors / key
         if not path.exists():
             path.mkdir(exist_ok=True)

@@ -112,6 +112,24 @@ def test_crash_store_dedups_across_workers_and_keeps_the_smallest(tmp_path):
     assert not list(d.glob(".*.tmp"))
 
 
+def test_a_divergence_that_does_not_reproduce_gets_no_directory(tmp_path):
+    """An oracle that leaks state between executions shows a divergence its
+    case does not have: the store checks each new signature again and keeps
+    nothing on a mismatch.  (The leak is simulated: the result is paired with
+    a case that agrees.)"""
+    from dataclasses import replace
+    from fuzz.crashes import UnstableDivergence
+    known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
+    (r,) = check(known, select("6.1"))
+    calm = replace(known, events=())
+    assert check(calm, select("6.1"))[0].divergence is None
+    store = CrashStore(tmp_path, "a")
+    with pytest.raises(UnstableDivergence, match=r"6.1/multi-step/immediate-exit\+mmio did not reproduce .*agrees"):
+        store.record(replace(r, case=calm))
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()] and not store.seen
+    assert store.record(r) is True                       # the genuine one is still new
+
+
 # ---------------------------------------------------------------- real campaigns
 
 def _divergences(crashes: Path) -> list[dict]:
