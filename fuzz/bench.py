@@ -90,7 +90,7 @@ class Raw:
             self.regs[REG_IDS[name]] = value
         code = b"".join((G.I.NOP if decode(w).kind in (HVC, DBGREG) else w).to_bytes(4, "little") for w in case.words)
         uc.mem_write(case.base, code)
-        uc.ctl_remove_cache(case.base, case.end)
+        uc.ctl_flush_tb()             # fresh code: as the guest CPU does
         try:
             uc.emu_start(case.base, case.end)
         except UcError:

@@ -149,11 +149,11 @@ class _Regs:
         self._uch, self._read, self._write = uc._uch, uclib.uc_reg_read, uclib.uc_reg_write
         self._ctl = uclib.uc_ctl
         # uc_ctl codes: (UC_CTL_IO_WRITE << 30) | (number of arguments << 26) | control
-        self._remove_cache = (ucc.UC_CTL_IO_WRITE << 30) | (2 << 26) | ucc.UC_CTL_TB_REMOVE_CACHE
+        self._flush_tb = (ucc.UC_CTL_IO_WRITE << 30) | ucc.UC_CTL_TB_FLUSH
         self._flush_tlb = (ucc.UC_CTL_IO_WRITE << 30) | ucc.UC_CTL_TLB_FLUSH
 
-    def remove_cache(self, begin: int, end: int) -> None:
-        self._ctl(self._uch, self._remove_cache, ctypes.c_uint64(begin), ctypes.c_uint64(end))
+    def flush_tb(self) -> None:
+        self._ctl(self._uch, self._flush_tb)
 
     def flush_tlb(self) -> None:
         self._ctl(self._uch, self._flush_tlb)
@@ -195,9 +195,9 @@ class Machine:
 
     def __init__(self) -> None:
         uc = self.uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
-        # Every case is fresh code; stale translations are only reclaimed when
-        # the translation buffer fills.  Unicorn's default buffer (1 GiB) lets
-        # a long campaign's RSS grow by that much; a small one caps it.
+        # Translations are flushed for every run (see _load), so a run never
+        # needs much of Unicorn's default 1 GiB buffer; a small one caps RSS
+        # whatever happens.
         uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
         self.regs = _Regs(uc)
         uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
@@ -218,7 +218,6 @@ class Machine:
         uc.ctl_exits_enabled(True)
         self.dirty: set[int] = set()          # arena subpages the last run may have written
         self.exits: list[int] | None = None
-        self.loading = False
         self.fault: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ layout
@@ -242,11 +241,11 @@ class Machine:
         phys = self._phys(first)
         uc.mem_write(phys, bytes(case.base - first) + code)
         self.dirty = set(range(phys, phys + case.base - first + len(code), SUBPAGE))
-        # Drop stale translations of the code pages.  Translating the range
-        # goes through the TLB hook, so it happens before the per-run flush.
-        self.loading = True
-        self.regs.remove_cache(first, self.code_pages.stop)
-        self.loading = False
+        # Forget every translation: nothing translated for an earlier run may
+        # run in this one.  (Removing just the code range was not enough: a
+        # campaign once ran stale code past a case's end.  A flush costs a few
+        # microseconds, and every case is fresh code anyway.)
+        self.regs.flush_tb()
         self.regs.flush_tlb()
         exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
         if exits != self.exits:
@@ -273,7 +272,7 @@ class Machine:
         # nothing else may be executed.
         if (access == WRITE and code_page) or (access == FETCH and not code_page):
             return self._refuse(vaddr, access)
-        if not self.loading and not prefault and page not in self.touched:
+        if not prefault and page not in self.touched:
             self.touched.add(page)     # first touch: KVM takes a stage-2 fault
             self._fault_at(self.retired if access == FETCH else self._index(), access)
         sub = ARENA + off + ((vaddr - base) & ~(SUBPAGE - 1))
