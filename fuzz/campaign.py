@@ -58,7 +58,7 @@ class Config:
     crashes: Path = Path("crashes")
     seed: int | None = None
     max_steps: int = MAX_STEPS_BOUND
-    code_coverage: bool = True
+    code_coverage: bool = False
     extra: list[str] = field(default_factory=list)
     quiet: bool = False
 

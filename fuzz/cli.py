@@ -123,7 +123,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         fail("--jobs must be at least 1")
     return run(Config(eras=args.era, seconds=seconds, runs=args.runs, jobs=args.jobs, corpus=Path(args.corpus),
                       crashes=Path(args.crashes), seed=args.seed, max_steps=args.max_steps,
-                      code_coverage=not args.no_code_coverage, extra=args.libfuzzer or []))
+                      code_coverage=args.code_coverage, extra=args.libfuzzer or []))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, help="libFuzzer seed (printed at start; reuse to repeat)")
     f.add_argument("--max-steps", type=int, default=MAX_STEPS_BOUND,
                    help=f"bound on any input's max_steps (default {MAX_STEPS_BOUND})")
-    f.add_argument("--no-code-coverage", action="store_true",
-                   help="guide by behaviour features only, not by coverage of the era models' code (faster)")
+    f.add_argument("--code-coverage", action=argparse.BooleanOptionalAction, default=False,
+                   help="also guide by coverage of the era models' policy code (about half as fast; "
+                        "default: behaviour features only)")
     f.add_argument("libfuzzer", nargs="*", metavar="-- LIBFUZZER_FLAG", help="extra libFuzzer flags after --")
     f.set_defaults(func=cmd_fuzz)
 

@@ -9,16 +9,17 @@ Configuration comes from the environment:
                       and older eras diverge on almost every input)
     STEPFUZZ_CRASHES  crash directory (default crashes)
     STEPFUZZ_STARTED  campaign start, seconds since the epoch (for time-to-find)
-    STEPFUZZ_CODE_COVERAGE  0: guide by behaviour features only (faster)
+    STEPFUZZ_CODE_COVERAGE  1: also guide by the coverage of the era models'
+                      policy code (default 0: behaviour features only)
     STEPFUZZ_MAX_STEPS  bound on max_steps of any input (default 100), so no
                       input can make one execution slow
     STEPFUZZ_ON_DIVERGENCE  record (default here): keep it in the crash store and
                       go on; crash (default when packed by PyInstaller, as
                       ClusterFuzzLite/OSS-Fuzz run it): raise on a signature new
                       to this process, so the engine stores and deduplicates it
-A divergence never stops a local campaign.  The search is guided by the
-coverage of the era models' Python code and by behaviour features
-(fuzz/features.py): every new kind of stop, per era, is new coverage.
+A divergence never stops a local campaign.  The search is guided by
+behaviour features (fuzz/features.py): every new kind of stop, per era, is
+new coverage; on request also by the coverage of the era models' code.
 """
 import os
 import sys
@@ -26,15 +27,16 @@ import time
 
 import atheris
 
-# Coverage: the era models' policy decisions -- the methods of the kernel
-# model where releases differ -- plus the behaviour features.  Everything else
-# (the guest CPU, the run loop, the comparator) is left uninstrumented: its
-# branches saturate at once and tracing them would multiply the cost of every
-# execution.  STEPFUZZ_CODE_COVERAGE=0 leaves only the behaviour features.
+# Code coverage, on request: the era models' policy decisions -- the methods of
+# the kernel model where releases differ.  Not by default: tracing them makes
+# every execution about twice as slow and, in side-by-side campaigns, found no
+# root cause the behaviour features alone did not (docs/campaigns.md).  The
+# guest CPU, the run loop and the comparator are never instrumented: their
+# branches saturate at once.
 import oracle.kvm.kernel  # noqa: E402
 POLICY_METHODS = ("setup_debug", "clear_debug", "vcpu_load", "vcpu_put", "skip_instr", "adjust_pc",
                   "fake_step", "mmio_return", "handle_guest_debug", "handle_trap")
-if os.environ.get("STEPFUZZ_CODE_COVERAGE", "1") != "0":
+if os.environ.get("STEPFUZZ_CODE_COVERAGE", "0") == "1":
     for _name in POLICY_METHODS:
         setattr(oracle.kvm.kernel.Kvm, _name, atheris.instrument_func(getattr(oracle.kvm.kernel.Kvm, _name)))
 from oracle.kvm.eras import select
