@@ -124,14 +124,25 @@ def mutate_case(rnd: random.Random, case: Case) -> Case:
     return case
 
 
+_PARENTS: dict[bytes, Case] = {}      # decoded corpus entries: libFuzzer picks the same ones again and again
+_PARENTS_MAX = 2048
+
+
 def _start(data: bytes, rnd: random.Random) -> Case:
     """The case to mutate: the input's, or a generated one for libFuzzer's
     empty first input and for a broken JSON seed."""
+    case = _PARENTS.get(data)
+    if case is not None:
+        return case
     if data:
         try:
-            return decode_input(data)
+            case = decode_input(data)
         except NotACase:
-            pass
+            return G.generate(rnd)
+        if len(_PARENTS) >= _PARENTS_MAX:
+            _PARENTS.clear()
+        _PARENTS[data] = case             # cases are immutable: sharing one is safe
+        return case
     return G.generate(rnd)
 
 
