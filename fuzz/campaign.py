@@ -29,6 +29,7 @@ from .encoding import MAX_STEPS_BOUND, looks_like_json
 
 STATS_EVERY_S = 10.0
 RATE_WINDOW_S = 10.0
+STOP_GRACE_S = 30.0       # after a stop request, libFuzzer is killed if it still runs
 LIBFUZZER_LINE = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+)(?: corp: (\d+)/\S+)?.*?exec/s: (\d+)")
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -213,8 +214,12 @@ def run(cfg: Config) -> int:
     reader = threading.Thread(target=_pump, args=(proc, logs / "main.log", monitor), daemon=True)
     reader.start()
 
+    stopping: list[float] = []                    # when the user asked to stop
+    killed = False
+
     def stop(signum, _frame):
-        os.killpg(proc.pid, signal.SIGINT)       # libFuzzer stops cleanly on SIGINT
+        stopping.append(time.monotonic())
+        _signal_group(proc, signal.SIGINT)       # the harness stops cleanly at its next input
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     stats_path = cfg.crashes / "stats.jsonl"
     next_stats = time.time()
@@ -222,6 +227,11 @@ def run(cfg: Config) -> int:
     try:
         while proc.poll() is None:
             time.sleep(1)
+            if stopping and time.monotonic() - stopping[0] > STOP_GRACE_S:
+                say(f"stepfuzz: libFuzzer did not stop within {STOP_GRACE_S:.0f} s of the request; killing it")
+                _signal_group(proc, signal.SIGKILL)
+                stopping.clear()
+                killed = True
             for f in logs.glob("fuzz-*.log"):
                 monitor.tail(f)
             snap = monitor.snapshot()
@@ -242,7 +252,8 @@ def run(cfg: Config) -> int:
     if tty:
         print(file=sys.stderr)
     summary(cfg, snap, started, say)
-    if proc.returncode not in (0, -signal.SIGINT, 130, 72):
+    stopped = proc.returncode in (0, -signal.SIGINT, 130, 143, 72) or (killed and proc.returncode == -signal.SIGKILL)
+    if not stopped:
         last = _last_line(logs / "main.log")
         say(f"stepfuzz: libFuzzer exited with status {proc.returncode}" + (f" ({last})" if last else "")
             + f"; its output is in {logs}")
@@ -267,6 +278,13 @@ def summary(cfg: Config, snap: dict, started: float, say) -> None:
 def _iso_t(text: str) -> float:
     from datetime import datetime
     return datetime.fromisoformat(text).timestamp()
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass                                     # it has just ended
 
 
 def _die_with_parent() -> None:
