@@ -219,7 +219,12 @@ def run(cfg: Config) -> int:
 
     def stop(signum, _frame):
         stopping.append(time.monotonic())
-        _signal_group(proc, signal.SIGINT)       # the harness stops cleanly at its next input
+        # Each worker stops cleanly at its next input.  In -jobs mode only the
+        # workers are told, not the shells libFuzzer runs them in: a job whose
+        # shell died of SIGINT crashes libFuzzer's parent.  The parent ends by
+        # itself once its jobs have ended.
+        for pid in ([proc.pid] if cfg.jobs == 1 else _descendants(proc.pid, argv[0])):
+            _signal(pid, signal.SIGINT)
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     stats_path = cfg.crashes / "stats.jsonl"
     next_stats = time.time()
@@ -229,7 +234,7 @@ def run(cfg: Config) -> int:
             time.sleep(1)
             if stopping and time.monotonic() - stopping[0] > STOP_GRACE_S:
                 say(f"stepfuzz: libFuzzer did not stop within {STOP_GRACE_S:.0f} s of the request; killing it")
-                _signal_group(proc, signal.SIGKILL)
+                _signal(-proc.pid, signal.SIGKILL)     # its whole process group
                 stopping.clear()
                 killed = True
             for f in logs.glob("fuzz-*.log"):
@@ -280,11 +285,34 @@ def _iso_t(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+def _signal(pid: int, signum: int) -> None:
     try:
-        os.killpg(proc.pid, signum)
+        os.kill(pid, signum)
     except ProcessLookupError:
         pass                                     # it has just ended
+
+
+def _descendants(pid: int, program: str) -> list[int]:
+    """The processes below `pid` that run `program` (from /proc: Linux, as the
+    rest of stepfuzz)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue                             # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if program.encode() in args:
+                out.append(child)
+    return out
 
 
 def _die_with_parent() -> None:
