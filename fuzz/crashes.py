@@ -9,9 +9,10 @@ first to create a signature's directory writes it, later hits only add to
 its count (batched, under a lock).  Every file is written to a temporary
 name and renamed, so a kill never leaves a half-written file.
 
-A signature gets a directory only if a fresh check of the case gives it
-again: a divergence that does not reproduce is a bug in stepfuzz (state
-leaking from one execution into the next), never a finding to report.
+A case is kept -- for a new signature, or replacing a larger one -- only if
+a fresh check of it gives the signature again: a divergence that does not
+reproduce is a bug in stepfuzz (state leaking from one execution into the
+next), never a finding to report.
 """
 from __future__ import annotations
 
@@ -93,9 +94,9 @@ class CrashStore:
         assert d is not None
         sid = d.sig_id
         if sid not in self.seen:
-            whole = self._recheck(r)
+            created = self._create(r, execs)
             self.seen.add(sid)
-            if self._create(whole, execs):
+            if created:
                 return True           # counted as 1 on creation
         p = self.pending.setdefault(sid, _Pending())
         p.count += 1
@@ -107,26 +108,33 @@ class CrashStore:
         return False
 
     @staticmethod
-    def _recheck(r: Result) -> Result:
-        """The case checked again, whole (campaigns stop a model at its
-        divergence; reports show all of it); it must diverge alike."""
-        (whole,) = check(r.case, [r.era])
-        if whole.divergence is None or whole.divergence.signature != r.divergence.signature:
+    def _again(r: Result) -> Result:
+        """The case of `r` checked again, whole (campaigns stop a model at its
+        divergence; reports show all of it)."""
+        return check(r.case, [r.era])[0]
+
+    @staticmethod
+    def _same(r: Result, again: Result) -> bool:
+        return again.divergence is not None and again.divergence.signature == r.divergence.signature
+
+    def _create(self, r: Result, execs: int) -> bool:
+        """A directory for `r`; False if one exists.  Raises UnstableDivergence
+        if its case does not give its divergence again."""
+        path = self.root / r.divergence.sig_id
+        if (path / "divergence.json").exists():
+            return False               # another worker or an earlier campaign has it
+        whole = self._again(r)
+        if not self._same(r, whole):
             again = whole.divergence.signature if whole.divergence else "agrees"
             raise UnstableDivergence(f"{r.divergence.signature} did not reproduce on a second check ({again})",
                                      r.divergence.signature)
-        return whole
-
-    def _create(self, r: Result, execs: int) -> bool:
-        """A directory for `r` (a check with whole traces); False if one exists."""
-        d = r.divergence
-        path = self.root / d.sig_id
+        d = whole.divergence
         try:
             path.mkdir()
         except FileExistsError:
             if (path / "divergence.json").exists():
-                return False           # another worker or an earlier campaign has it
-        self._write_case(path, r)
+                return False
+        self._write_case(path, whole)
         info = {**d.to_json(), "era": r.era.id, "kernels": r.era.kernels,
                 "first_seen": now_iso(), "last_seen": now_iso(), "count": 1,
                 "case_insns": len(r.case.words),
@@ -159,9 +167,11 @@ class CrashStore:
                     continue
                 info["count"] = info.get("count", 0) + p.count
                 info["last_seen"] = max(info.get("last_seen", ""), now_iso(p.last_seen))
-                if p.best is not None and len(p.best.case.words) < info.get("case_insns", 1 << 30):
-                    self._write_case(path, check(p.best.case, [p.best.era])[0])
-                    info.update(p.best.divergence.to_json())      # the stop as this case shows it
-                    info["case_insns"] = len(p.best.case.words)
+                smaller = p.best is not None and len(p.best.case.words) < info.get("case_insns", 1 << 30)
+                whole = self._again(p.best) if smaller else None
+                if whole is not None and self._same(p.best, whole):     # a case kept must give it again
+                    self._write_case(path, whole)
+                    info.update(whole.divergence.to_json())      # the stop as this case shows it
+                    info["case_insns"] = len(whole.case.words)
                 write_atomic(path / "divergence.json", json.dumps(info, indent=2) + "\n")
         self.pending.clear()

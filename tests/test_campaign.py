@@ -112,11 +112,11 @@ def test_crash_store_dedups_across_workers_and_keeps_the_smallest(tmp_path):
     assert not list(d.glob(".*.tmp"))
 
 
-def test_a_divergence_that_does_not_reproduce_gets_no_directory(tmp_path):
+def test_a_divergence_that_does_not_reproduce_is_never_kept(tmp_path):
     """An oracle that leaks state between executions shows a divergence its
-    case does not have: the store checks each new signature again and keeps
-    nothing on a mismatch.  (The leak is simulated: the result is paired with
-    a case that agrees.)"""
+    case does not have: the store checks a case again before it keeps it, for
+    a new signature and for a smaller case replacing a kept one.  (The leak
+    is simulated: the result is paired with a case that agrees.)"""
     from dataclasses import replace
     from fuzz.crashes import UnstableDivergence
     known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
@@ -128,6 +128,13 @@ def test_a_divergence_that_does_not_reproduce_gets_no_directory(tmp_path):
         store.record(replace(r, case=calm))
     assert not [p for p in tmp_path.iterdir() if p.is_dir()] and not store.seen
     assert store.record(r) is True                       # the genuine one is still new
+    small_calm = replace(calm, words=calm.words[:1])
+    assert len(small_calm.words) < len(known.words) and check(small_calm, select("6.1"))[0].divergence is None
+    assert store.record(replace(r, case=small_calm)) is False
+    store.flush()
+    (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert load_case(d / "case.json").words == known.words            # the smaller case was not kept
+    assert json.loads((d / "divergence.json").read_text())["count"] == 2
 
 
 # ---------------------------------------------------------------- real campaigns
