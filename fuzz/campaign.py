@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from oracle.case import CaseError, load_case
-from oracle.realkvm import cache_root
+from oracle.realkvm import cache_root, last_line
 
 from .crashes import crash_records, now_iso, read_json, write_atomic
 from .encoding import MAX_STEPS_BOUND, looks_like_json
@@ -80,14 +80,6 @@ def harness_launcher() -> Path:
         write_atomic(path, text)
         path.chmod(0o755)
     return path
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1].strip() if lines else ""
 
 
 def scan_corpus(corpus: Path) -> tuple[int, list[str]]:
@@ -257,9 +249,12 @@ def run(cfg: Config) -> int:
     if tty:
         print(file=sys.stderr)
     summary(cfg, snap, started, say)
-    stopped = proc.returncode in (0, -signal.SIGINT, 130, 143, 72) or (killed and proc.returncode == -signal.SIGKILL)
+    stopped = proc.returncode in (0, -signal.SIGINT, 130, 72) or (killed and proc.returncode == -signal.SIGKILL)
     if not stopped:
-        last = _last_line(logs / "main.log")
+        try:
+            last = last_line((logs / "main.log").read_text(errors="replace"), "")
+        except OSError:
+            last = ""
         say(f"stepfuzz: libFuzzer exited with status {proc.returncode}" + (f" ({last})" if last else "")
             + f"; its output is in {logs}")
         return 2

@@ -243,8 +243,8 @@ class Machine:
         self.dirty = set(range(phys, phys + case.base - first + len(code), SUBPAGE))
         # Forget every translation: nothing translated for an earlier run may
         # run in this one.  (Removing just the code range was not enough: a
-        # campaign once ran stale code past a case's end.  A flush costs a few
-        # microseconds, and every case is fresh code anyway.)
+        # campaign once ran stale code past a case's end.  A flush adds 10-20 µs
+        # to a run, and every case is fresh code anyway.)
         self.regs.flush_tb()
         self.regs.flush_tlb()
         exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
