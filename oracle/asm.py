@@ -50,6 +50,8 @@ def assemble(text: str, base: int) -> list[int]:
     lines = []
     statements = 0
     for line in split_lines(text):
+        if not line.isascii():          # keystone takes ASCII only (and raises its own UnicodeEncodeError)
+            raise AsmError(f"not ASCII: {line!r}")
         if NUMERIC_LABEL.search(line):
             raise AsmError(f"numeric labels are not supported, use named ones: {line!r}")
         body = LABEL_DEF.sub("", line).strip()

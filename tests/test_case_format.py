@@ -31,6 +31,7 @@ def test_round_trip_keeps_everything():
     (lambda c: c["code"].update(base="0x10002"), "code.base", "not 4-byte aligned"),
     (lambda c: c["code"].update(asm="nop\nfrobnicate x0"), "code.asm", "frobnicate"),
     (lambda c: c["code"].update(asm="1: b 1b"), "code.asm", "numeric labels"),
+    (lambda c: c["code"].update(asm="add x0, x0, #1 \u00e9"), "code.asm", "not ASCII"),
     (lambda c: c["code"].update(base="0x90000"), "code.base", "not inside a ram region"),
     (lambda c: c["memory"].append({"base": "0x18000", "size": "0x1000", "kind": "mmio"}), "memory[1]", "overlaps memory[0]"),
     (lambda c: c["memory"].append({"base": "0x30000", "size": "0x1000", "kind": "rom"}), "memory[1].kind", "unknown kind"),
