@@ -171,11 +171,15 @@ def test_resume_keeps_everything_and_skips_junk_with_a_warning(tmp_path):
     corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
     corpus.mkdir()
     (corpus / "broken.json").write_text('{"stepfuzz": 1, "code": ')
+    # keystone raises its own UnicodeEncodeError on non-ASCII text: once, it ended a campaign
+    (corpus / "accent.json").write_text(json.dumps({"stepfuzz": 1, "code": {"base": "0x10000", "asm": "nop \u00e9"},
+                                                    "memory": [{"base": "0x10000", "size": "0x10000", "kind": "ram"}]}))
     (corpus / "seed.json").write_bytes((CORPUS / "known" / "5.11-irq-after-retire-multi-step.json").read_bytes())
     args = ("fuzz", "--era", "5.11", "--runs", "150", "--corpus", corpus, "--crashes", crashes)
     first = stepfuzz(*args, "--seed", "1")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "broken.json: not valid JSON" in first.stderr and "left in place" in first.stderr
+    assert "accent.json: code.asm: not ASCII" in first.stderr
     assert "resuming" not in first.stderr            # seeds alone are not an earlier campaign
     entries = set(p.name for p in corpus.iterdir())
     sigs = {d["signature"] for d in _divergences(crashes)}
