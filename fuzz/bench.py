@@ -153,9 +153,25 @@ def campaign_rate(seconds: float, *flags: str) -> tuple[float, float]:
         return execs / spent, rss
 
 
+def machine() -> str:
+    """The CPU the figures were measured on: the ratios carry over to another
+    machine, executions per second do not (the same code ran a campaign at
+    about 440/s on one 2-core machine and 1130/s on another)."""
+    import os
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def run(seconds: float = 30.0) -> dict:
     t = measure()
-    out = {"us_per_case": {str(n): {k: round(v, 1) for k, v in row.items()} for n, row in t.items()}}
+    out = {"machine": machine(), "us_per_case": {str(n): {k: round(v, 1) for k, v in row.items()} for n, row in t.items()}}
     raw64 = t[64]["raw"]
     out["diff_vs_raw"] = round(t[64]["ref+1 era"] / raw64, 2)
     out["all_eras_vs_raw"] = round(t[64]["ref+all eras"] / raw64, 2)
@@ -169,7 +185,7 @@ def run(seconds: float = 30.0) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = ["| instructions | raw Unicorn | reference | ref + 1 era | ref + all eras |", "|---|---|---|---|---|"]
+    lines = [f"machine: {r['machine']}", "", "| instructions | raw Unicorn | reference | ref + 1 era | ref + all eras |", "|---|---|---|---|---|"]
     for n, row in r["us_per_case"].items():
         raw = row["raw"]
         cells = [f"{row[k]:.0f} µs ({row[k] / raw:.1f}x)" for k in ("raw", "reference", "ref+1 era", "ref+all eras")]

@@ -22,6 +22,7 @@ Layout (little-endian):
 from __future__ import annotations
 
 import json
+import struct
 
 from oracle.case import (IPA_LIMIT, MAX_INSNS, MAX_RAM, MAX_STEPS_LIMIT, PAGE, REG_NAMES, REGION_KINDS,
                          Case, CaseError, Event, Region, loads_case)
@@ -91,7 +92,7 @@ def decode(data: bytes) -> Case:
         events.append(Event(when, r.take(4) % 0xFFFFFFFF + 1, what))
     max_steps = r.take(3) % MAX_STEPS_LIMIT + 1
     raw = r.rest()
-    words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw) - 3, 4)][:MAX_INSNS]
+    words = list(struct.unpack_from(f"<{min(len(raw) // 4, MAX_INSNS)}I", raw))
     memory, base, words = _normalise(regions, base, words)
     return Case(base=base, words=tuple(words), regs=tuple((k, regs[k]) for k in REG_NAMES if k in regs),
                 memory=tuple(memory), mmio_read=mmio_read, events=tuple(events), max_steps=max_steps,

@@ -21,6 +21,6 @@ def test_every_variant_and_the_campaign_are_measured(tmp_path):
                for row in t.values())
     rate, rss = campaign_rate(4)
     assert rate > 0 and rss > 0
-    result = {"us_per_case": {str(n): row for n, row in t.items()}, "diff_vs_raw": 1, "all_eras_vs_raw": 1,
+    result = {"machine": "x", "us_per_case": {str(n): row for n, row in t.items()}, "diff_vs_raw": 1, "all_eras_vs_raw": 1,
               "scaling_256_64": 1, "fuzz_execs_per_s": rate, "rss_mb": rss, "fuzz_execs_per_s_code_coverage": rate}
     assert table(result).count("\n| ") == len(SIZES)          # one row per size
