@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 from .guest import ExecLog
 from .trace import HSR_STEPPED, RefTrace, Stop, Trace
@@ -23,12 +24,12 @@ class Divergence:
     got: Stop | None              # the model's stop there
     detail: str = ""
 
-    @property
+    @cached_property       # (campaigns ask for it several times per divergence)
     def signature(self) -> str:
         """Stable across runs and cases: era, kind and cause, never PCs or counts."""
         return f"{self.era}/{self.kind}/{self.cause}"
 
-    @property
+    @cached_property
     def sig_id(self) -> str:
         return hashlib.sha1(self.signature.encode()).hexdigest()[:12]
 
