@@ -46,7 +46,9 @@ QEMU_CPU = "max,pauth-impdef=on"
 
 def qemu_command(kernel: Path, initrd: Path) -> list[str]:
     return [QEMU, "-M", "virt,virtualization=on,gic-version=3", "-cpu", QEMU_CPU, "-smp", "2", "-m", "1024",
-            "-nographic", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
+            "-nographic", "-no-reboot",
+            # no network: the default NIC needs an option ROM Debian ships only in a recommended package
+            "-nic", "none", "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyAMA0 panic=-1 quiet"]
 
 
