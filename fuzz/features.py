@@ -58,10 +58,10 @@ def _key(era: str, why: tuple[str, ...], steps: int, isv: int) -> int:
     return h
 
 
-def observe(results: list[Result]) -> None:
-    """One execution's behaviours, each walked once: a behaviour is news or
-    not, how often one input repeats it is not (and walking each repeat
-    costs more than the rest of this module)."""
+def behaviours(results: list[Result]) -> set[int]:
+    """The behaviour features of one execution (its results as the harness
+    gets them): each kind of stop per era that is not an ordinary one, and
+    each divergence signature."""
     keys = set()
     for r in results:
         era = r.era.id
@@ -70,5 +70,12 @@ def observe(results: list[Result]) -> None:
                 keys.add(_key(era, s.why, s.steps, s.isv))
         if r.divergence is not None:
             keys.add(zlib.crc32(r.divergence.signature.encode()))
-    for h in keys:
+    return keys
+
+
+def observe(results: list[Result]) -> None:
+    """One execution's behaviours, each walked once: a behaviour is news or
+    not, how often one input repeats it is not (and walking each repeat
+    costs more than the rest of this module)."""
+    for h in behaviours(results):
         bucket(h)
