@@ -58,7 +58,10 @@ class _Shared:
         # run_end[i]: the first index >= i that the full loop must handle
         odd, end = log.load_exclusive_pcs, log.case.end
         handled = set(log.specials) | self.irq_before | self.irq_after | self.signal_on_trap
-        handled.update(i for i in range(n) if pcs[i] in odd or pcs[i + 1] == end)
+        if odd:
+            handled.update(i for i in range(n) if pcs[i] in odd)
+        if n and pcs[n] == end:
+            handled.add(n - 1)            # the guest stops at the end: only its last instruction reaches it
         self.run_end: list[int] = []
         for b in sorted(i for i in handled if i < n) + [n]:
             self.run_end += [b] * (b + 1 - len(self.run_end))
