@@ -21,6 +21,7 @@ for executions per second and peak RSS.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -157,7 +158,6 @@ def machine() -> str:
     """The CPU the figures were measured on: the ratios carry over to another
     machine, executions per second do not (the same code ran a campaign at
     about 440/s on one 2-core machine and 1130/s on another)."""
-    import os
     model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

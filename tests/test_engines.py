@@ -1,6 +1,5 @@
 """Beyond one machine: the harness packed as ClusterFuzzLite packs it, and merging."""
 import json
-import os
 import re
 import shutil
 import subprocess
