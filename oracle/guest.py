@@ -25,11 +25,15 @@ import unicorn.unicorn_const as ucc
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
-from .case import IPA_LIMIT, MAX_RAM, PAGE, Case
+from .case import IPA_LIMIT, MAX_INSNS, MAX_RAM, PAGE, Case
 from .isa import B_SELF, DBGREG, MASK64, MEM, STORE_EXCLUSIVE, address, decode
 
-ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM
+ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM but the code pages
 ARENA_SIZE = MAX_RAM + 2 * PAGE
+CODE_ARENA = 0x20_0000_0000       # ... and of the code pages: a slot per loaded case
+CODE_SLOT = 8 * PAGE              # holds the pages of MAX_INSNS words and `b .` at any alignment
+CODE_SLOTS = 64                   # all translations are flushed once per round of slots
+assert PAGE + 4 * (MAX_INSNS + 1) <= CODE_SLOT
 SUBPAGE = 0x400                   # Unicorn's TLB granule on AArch64
 TCG_BUFFER = 32 << 20             # Unicorn's translation buffer
 PSTATE_RESET = 0x3C5
@@ -195,13 +199,14 @@ class Machine:
 
     def __init__(self) -> None:
         uc = self.uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
-        # Translations are flushed for every run (see _load), so a run never
-        # needs much of Unicorn's default 1 GiB buffer; a small one caps RSS
-        # whatever happens.
+        # Translations are flushed every CODE_SLOTS cases (see _load), so they
+        # never need much of Unicorn's default 1 GiB buffer; a small one caps
+        # RSS whatever happens (when it is full, Unicorn flushes it).
         uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
         self.regs = _Regs(uc)
         uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         uc.mem_map(ARENA, ARENA_SIZE)
+        uc.mem_map(CODE_ARENA, CODE_SLOT * CODE_SLOTS)
         # FP/SIMD left disabled, like a fresh vCPU
         el1_below_el2(uc)
         write_sysreg(uc, 3, 0, 1, 0, 2, 0)                      # CPACR_EL1: FP traps
@@ -217,6 +222,8 @@ class Machine:
             uc.hook_add(ucc.UC_HOOK_INSN, self._on_sysreg, None, 1, 0, insn)
         uc.ctl_exits_enabled(True)
         self.dirty: set[int] = set()          # arena subpages the last run may have written
+        self.case: Case | None = None
+        self.slot = -1                        # the code slot of self.case
         self.exits: list[int] | None = None
         self.fault: tuple[int, int] | None = None
 
@@ -224,7 +231,7 @@ class Machine:
 
     def _load(self, case: Case) -> None:
         uc = self.uc
-        self.case = case
+        last, self.case = self.case, case
         self.ram: list[tuple[int, int, int, bool]] = []      # (base, end, arena offset, prefault)
         off = 0
         for r in case.memory:
@@ -237,26 +244,35 @@ class Machine:
         zero = bytes(SUBPAGE)
         for sub in self.dirty:
             uc.mem_write(sub, zero)
-        code = program_bytes(case)
-        phys = self._phys(first)
-        uc.mem_write(phys, bytes(case.base - first) + code)
-        self.dirty = set(range(phys, phys + case.base - first + len(code), SUBPAGE))
-        # Forget every translation: nothing translated for an earlier run may
-        # run in this one.  (Removing just the code range was not enough: a
-        # campaign once ran stale code past a case's end.  A flush adds 10-20 µs
-        # to a run, and every case is fresh code anyway.)
-        self.regs.flush_tb()
+        self.dirty = set()
+        if last is None or last.base != case.base or last.words != case.words:
+            self._new_code_slot(case)
+            exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
+            if exits != self.exits:
+                uc.ctl_set_exits(exits)
+                self.exits = exits
+        # (the same code again -- a model re-running a case on its own path --
+        # keeps its slot, its translations and its exits)
         self.regs.flush_tlb()
-        exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
-        if exits != self.exits:
-            uc.ctl_set_exits(exits)
-            self.exits = exits
 
-    def _phys(self, addr: int) -> int:
-        for base, end, off, _ in self.ram:
-            if base <= addr < end:
-                return ARENA + off + addr - base
-        raise AssertionError(f"{addr:#x} is not guest RAM")
+    def _new_code_slot(self, case: Case) -> None:
+        """Write the code pages of `case` into the next slot.
+
+        Translations are looked up by physical address, so code in a slot
+        never used since the last flush cannot meet a translation of other
+        code: no flush per case (one costs 10-30 µs).  A slot is reused only
+        after a flush of every translation.  (Flushing just the code range
+        was tried once and was not enough: a campaign ran stale code past a
+        case's end.)"""
+        self.slot = (self.slot + 1) % CODE_SLOTS
+        if self.slot == 0:
+            self.regs.flush_tb()
+        pages = bytes(case.base - self.code_pages.start) + program_bytes(case)
+        self.uc.mem_write(self._code_phys(self.code_pages.start),
+                          pages.ljust(len(self.code_pages) * PAGE, b"\0"))
+
+    def _code_phys(self, addr: int) -> int:
+        return CODE_ARENA + self.slot * CODE_SLOT + addr - self.code_pages.start
 
     # ------------------------------------------------------------ hooks
 
@@ -275,11 +291,15 @@ class Machine:
         if not prefault and page not in self.touched:
             self.touched.add(page)     # first touch: KVM takes a stage-2 fault
             self._fault_at(self.retired if access == FETCH else self._index(), access)
+        if code_page:
+            entry.paddr = self._code_phys(vaddr & ~(SUBPAGE - 1))
+            entry.perms = RX
+            return True
         sub = ARENA + off + ((vaddr - base) & ~(SUBPAGE - 1))
         if access == WRITE:
             self.dirty.add(sub)
         entry.paddr = sub
-        entry.perms = RX if code_page else RW
+        entry.perms = RW
         return True
 
     def _refuse(self, vaddr: int, access: int) -> bool:
@@ -482,7 +502,7 @@ class Machine:
         case = self.case
         if case.base <= pc < case.end:
             return case.words[(pc - case.base) >> 2]
-        return B_SELF if pc == case.end else int.from_bytes(self.uc.mem_read(self._phys(pc), 4), "little")
+        return B_SELF if pc == case.end else int.from_bytes(self.uc.mem_read(self._code_phys(pc), 4), "little")
 
     def _log(self, case: Case, redirects: tuple[tuple[int, int], ...], want_regs: bool) -> ExecLog:
         pcs: list[int] = []
