@@ -31,18 +31,24 @@ class Kvm:
         self.signal = False               # a signal is pending for the vCPU thread
         self.signal_on_trap: set[int] = set()   # `trap` events: instruction indices
         self.ending = ""
+        # The era's choices as plain attributes: they are read on every entry
+        self.ss_on_entry = era.entry_ss          # FORCE / KEEP_PENDING / UNTOUCHED
+        self.remembers_pending = era.entry_ss == KEEP_PENDING
+        self.ss_at_load_put = era.ss_at_load_put
         if era.armed_at_enable:
             hw.ss = True                  # KVM_SET_GUEST_DEBUG arms the first step
 
     # ------------------------------------------------------------ KVM_RUN
 
     def ioctl_run(self, immediate_exit: bool = False, preempt: bool = False) -> str:
-        era, hw = self.era, self.hw
+        hw = self.hw
         if self.exit_reason == "mmio" and self.mmio_return():
             if self.fake_step():
                 self.signal = False       # delivered on the way back to userspace
                 return EXIT_DEBUG
-        self.vcpu_load()
+        # (the policy points below are called only where the era has them)
+        if self.ss_at_load_put:
+            self.vcpu_load()
         if immediate_exit:
             ret: int | str = EINTR        # exit_reason is left as it was
         else:
@@ -57,39 +63,44 @@ class Kvm:
                     break
                 if preempt:
                     preempt = False       # kvm_sched_out / kvm_sched_in before entry
-                    self.vcpu_put()
-                    self.vcpu_load()
+                    if self.ss_at_load_put:
+                        self.vcpu_put()
+                        self.vcpu_load()
                 self.setup_debug()
-                self.adjust_pc()          # hyp's __adjust_pc, at the start of the world switch
+                if self.increment_pc:
+                    self.adjust_pc()      # hyp's __adjust_pc, at the start of the world switch
                 exit = hw.run()
-                self.clear_debug()
+                if self.remembers_pending:
+                    self.clear_debug()
                 ret = self.handle_exit(exit)
         # out:
-        if era.commit_pc_at_out:
+        if self.increment_pc and self.era.commit_pc_at_out:
             self.adjust_pc()
-        self.vcpu_put()
+        if self.ss_at_load_put:
+            self.vcpu_put()
         self.signal = False               # delivered to the VMM on the way back to userspace
         return self.exit_reason if ret == 0 else ret  # type: ignore[return-value]
 
     # ------------------------------------------------------------ debug.c
 
     def setup_debug(self) -> None:
-        if self.era.entry_ss == FORCE:
+        if self.ss_on_entry == FORCE:
             self.hw.ss = True
-        elif self.era.entry_ss == KEEP_PENDING:
+        elif self.remembers_pending:
             self.hw.ss = not self.ss_active_pending
 
     def clear_debug(self) -> None:
-        if self.era.entry_ss == KEEP_PENDING and not self.hw.ss:
+        """6.1: an exit in active-pending is remembered (KEEP_PENDING eras only)."""
+        if not self.hw.ss:
             self.ss_active_pending = True
 
     def vcpu_load(self) -> None:
-        if self.era.ss_at_load_put:
-            self.hw.ss = not self.host_ss_active_pending
+        """6.14: SS restored from the host's record (ss_at_load_put eras only)."""
+        self.hw.ss = not self.host_ss_active_pending
 
     def vcpu_put(self) -> None:
-        if self.era.ss_at_load_put:
-            self.host_ss_active_pending = not self.hw.ss
+        """6.14: SS saved for the next load (ss_at_load_put eras only)."""
+        self.host_ss_active_pending = not self.hw.ss
 
     # ------------------------------------------------------------ emulation
 
@@ -133,16 +144,17 @@ class Kvm:
     # ------------------------------------------------------------ handle_exit.c
 
     def handle_exit(self, exit: HwExit) -> int | str:
-        if exit.kind == ENDING:
+        kind = exit.kind
+        if kind == ENDING:
             self.ending = exit.detail
             return GUEST_ENDED
-        if exit.index in self.signal_on_trap:
+        if self.signal_on_trap and exit.index in self.signal_on_trap:
             self.signal_on_trap.discard(exit.index)
             self.signal = True            # arrives while this exit is handled
-        if exit.kind == IRQ:
-            return 1
-        if exit.kind == SOFTSTEP:
+        if kind == SOFTSTEP:
             return self.handle_guest_debug(exit)
+        if kind == IRQ:
+            return 1
         handled = self.handle_trap(exit)
         if handled == 1 and self.fake_step():
             return 0
@@ -151,7 +163,7 @@ class Kvm:
     def handle_guest_debug(self, exit: HwExit) -> int:
         self.exit_reason = "debug"
         self.hsr = exit.hsr
-        if self.era.entry_ss == KEEP_PENDING:
+        if self.remembers_pending:
             self.ss_active_pending = False
         if self.era.step_exit_rearms:
             self.hw.ss = True
