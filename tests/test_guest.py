@@ -3,7 +3,7 @@ import pytest
 
 from conftest import CODE, DATA, MMIO, make
 from oracle.case import parse_case
-from oracle.guest import (END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, NOT_SUPPORTED,
+from oracle.guest import (CODE_SLOTS, END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, NOT_SUPPORTED,
                           UNSUPPORTED_INSN, execute, hvc_result)
 
 GICD = {"base": "0x8000000", "size": "0x10000", "kind": "mmio-kernel"}
@@ -127,6 +127,20 @@ def test_same_case_same_log_whatever_ran_before():
     assert (again.pcs, again.specials) == (first.pcs, first.specials)
     assert again.final_regs() == first.final_regs()
     assert again.final_regs()["x1"] == 0 and again.final_regs()["x4"] == 0
+
+
+def test_new_code_at_the_same_address_never_runs_old_translations():
+    # Three programs of different lengths take turns at one address through
+    # more than two rounds of code slots.  The branch ends a translation
+    # block that Unicorn keeps (one holding an exit address is dropped after
+    # every run), so a stale translation of another program would show in x0
+    # or in the instructions run.
+    programs = [parse_case(make(f"mov x0, #{10 * k}\nb next\nnext:\n" + "add x0, x0, #1\n" * (k + 1)))
+                for k in range(3)]
+    for i in range(2 * CODE_SLOTS + 3):
+        k = i % 3
+        log = execute(programs[k])
+        assert (log.outcome, log.n, log.final_regs()["x0"]) == (END, k + 3, 11 * k + 1), i
 
 
 def test_redirect_continues_on_another_path():
