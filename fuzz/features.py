@@ -48,13 +48,12 @@ _KEYS: dict[tuple, int] = {}
 PLAIN = (DONE_NATIVE,)     # an ordinary stop: nothing to learn from it
 
 
-def _key(era: str, why: tuple[str, ...], steps: int, isv: int) -> int:
-    k = (era, why, steps, isv)
-    h = _KEYS.get(k)
-    if h is None:
-        if len(_KEYS) > 100_000:      # a cache: keep memory bounded in long campaigns
-            _KEYS.clear()
-        h = _KEYS[k] = zlib.crc32(f"{era}|{'+'.join(sorted(set(why)))}|{min(steps, 3)}|{isv}".encode())
+def _new_key(k: tuple[str, tuple[str, ...], int, int]) -> int:
+    era, why, steps, hsr = k
+    if len(_KEYS) > 100_000:      # a cache: keep memory bounded in long campaigns
+        _KEYS.clear()
+    isv = (hsr >> 24) & 1
+    h = _KEYS[k] = zlib.crc32(f"{era}|{'+'.join(sorted(set(why)))}|{min(steps, 3)}|{isv}".encode())
     return h
 
 
@@ -63,11 +62,13 @@ def behaviours(results: list[Result]) -> set[int]:
     gets them): each kind of stop per era that is not an ordinary one, and
     each divergence signature."""
     keys = set()
+    known = _KEYS.get
     for r in results:
         era = r.era.id
-        for s in r.model.stops:
-            if s.why != PLAIN or s.steps != 1:
-                keys.add(_key(era, s.why, s.steps, s.isv))
+        for _pc, steps, hsr, _exits, why in r.model.stops:     # (the hot loop of this module)
+            if steps != 1 or why != PLAIN:
+                k = (era, why, steps, hsr)
+                keys.add(known(k) or _new_key(k))
         if r.divergence is not None:
             keys.add(zlib.crc32(r.divergence.signature.encode()))
     return keys
