@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from .guest import ExecLog
 from .trace import HSR_STEPPED, RefTrace, Stop, Trace
@@ -54,6 +54,7 @@ def _stop_json(s: Stop | None) -> dict | None:
     return None if s is None else {"pc": s.pc, "steps": s.steps, "isv": s.isv}
 
 
+@lru_cache(maxsize=4096)   # a pure function of a short tuple; campaigns meet the same few often
 def _cause(why: tuple[str, ...]) -> str:
     """What made a window go wrong, from its record of traps, events and completions.
 
@@ -81,13 +82,13 @@ def _cause(why: tuple[str, ...]) -> str:
 
 
 def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
-    skipped_before = sorted(i for i, _ in model.skipped)
+    first_skip = min(i for i, _ in model.skipped) if model.skipped else None
     stops = model.stops
     for i in range(model.agreed, min(len(ref.pcs), len(stops))):
         pc, got = ref.pcs[i], stops[i]
         if got.steps == 1 and got.pc == pc:
             continue
-        if skipped_before and skipped_before[0] <= i:
+        if first_skip is not None and first_skip <= i:
             kind = SKIPPED
         elif got.steps == 0:
             kind = ZERO_STEP
