@@ -39,6 +39,11 @@ class HwExit(NamedTuple):
     detail: str = ""              # STAGE2: fetch/data; ENDING: the run ending
 
 
+def _step_exit(index: int, hsr: int) -> HwExit:
+    # the commonest exit, built without NamedTuple's Python-level __new__
+    return tuple.__new__(HwExit, (SOFTSTEP, index, hsr, None, ""))
+
+
 class GuestHw:
     def __init__(self, log: ExecLog, irq_before: frozenset[int], irq_after: frozenset[int]):
         self.log = log
@@ -67,13 +72,13 @@ class GuestHw:
             # schedule says the interrupt wins).  SPSR.SS keeps PSTATE.SS.
             return self._irq()
         if not self.ss:
-            return HwExit(SOFTSTEP, self.idx - 1, HSR_NOT_STEPPED)
-        idx = self.idx
+            return _step_exit(self.idx - 1, HSR_NOT_STEPPED)
+        idx, log = self.idx, self.log
         if self.attempts == 0 and idx in self.irq_before:
             self.irq_before.discard(idx)
             self.irq_armed = True
             return self._irq()
-        special = self._special(idx)
+        special = log.specials.get(idx, _NATIVE) if idx < log.n else self._special_past_code(idx)
         attempt = self.attempts
         self.attempts += 1
         if attempt < len(special.faults):
@@ -84,8 +89,7 @@ class GuestHw:
             self.ss = False
             if self.irq_armed:
                 return self._irq(idx)
-            hsr = HSR_STEPPED | (HSR_EX if self._is_load_exclusive(idx) else 0)
-            return HwExit(SOFTSTEP, idx, hsr)
+            return _step_exit(idx, HSR_STEPPED | HSR_EX if log.pcs[idx] in log.load_exclusive_pcs else HSR_STEPPED)
         if kind == "hvc":
             self.why.append("hvc")
             self._retire(DONE_HVC)    # HVC's preferred return is the next instruction
@@ -107,10 +111,9 @@ class GuestHw:
         self.why.append("irq-pending" if not self.ss else "irq")
         return HwExit(IRQ, idx)
 
-    def _special(self, idx: int) -> Special:
+    def _special_past_code(self, idx: int) -> Special:
+        """What instruction `idx` >= log.n meets: the run's ending."""
         log = self.log
-        if idx < log.n:
-            return log.specials.get(idx, _NATIVE)
         if idx == log.n and log.outcome == END:
             return _NATIVE            # the `b .` after the code
         if idx == log.n and log.outcome != MAX_STEPS:
@@ -126,9 +129,6 @@ class GuestHw:
         self.attempts = 0
         if idx in self.irq_after:
             self.irq_armed = True
-
-    def _is_load_exclusive(self, idx: int) -> bool:
-        return self.log.pcs[idx] in self.log.load_exclusive_pcs
 
     # ------------------------------------------------------------ KVM's side
 

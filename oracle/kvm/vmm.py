@@ -17,6 +17,7 @@ from .kernel import EINTR, ENOSYS, EXIT_DEBUG, EXIT_MMIO, GUEST_ENDED, Kvm
 STUCK = "stuck"           # the model made no progress for too long (never expected)
 DIVERGED = "diverged"     # stopped at its first stop that differs from the reference (on request)
 PLAIN_WHY = (DONE_NATIVE,)
+_new_stop = tuple.__new__   # builds a Stop in C (NamedTuple's own __new__ is Python code)
 
 # Model states (per era) from which one plain instruction -- no trap, no
 # event -- gives one ordinary stop and leaves the state exactly as it was.
@@ -105,16 +106,18 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
                 last_retired = hw.retired
                 continue
         before = _state(kvm, hw) if ordinary else None
-        actions, next_run = next_run, []
-        if "signal" in actions:
-            kvm.signal = True
-        for action in actions:
-            hw.why.append(action)
-        ret = kvm.ioctl_run(immediate_exit="immediate-exit" in actions, preempt="preempt" in actions)
+        if next_run:
+            actions, next_run = next_run, []
+            if "signal" in actions:
+                kvm.signal = True
+            hw.why.extend(actions)
+            ret = kvm.ioctl_run(immediate_exit="immediate-exit" in actions, preempt="preempt" in actions)
+        else:
+            ret = kvm.ioctl_run()
         while len(skipped) < len(hw.skipped):
             skipped.append((len(stops), hw.skipped[len(skipped)]))
         if ret == EXIT_DEBUG:
-            stop = Stop(hw.pc, hw.retired - last_retired, kvm.hsr, tuple(exits), tuple(hw.why))
+            stop = _new_stop(Stop, (hw.pc, hw.retired - last_retired, kvm.hsr, tuple(exits), tuple(hw.why)))
             stops.append(stop)
             if (before is not None and stop.hsr == HSR_STEPPED and stop.why == PLAIN_WHY and not stop.exits
                     and hw.log is log and _state(kvm, hw) == before):
