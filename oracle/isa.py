@@ -8,7 +8,7 @@ path (results are cached per word); capstone is used only for text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 PLAIN, MEM, DBGREG, HVC, STORE_EXCLUSIVE, UNSUPPORTED = range(6)
@@ -33,11 +33,12 @@ class Insn:
     reg: str = ""
     imm: int = 0
     reason: str = ""          # UNSUPPORTED: why
+    # Unicorn must stop before it: it cannot run natively (derived; a field,
+    # not a property, because the guest CPU asks it of every word of a case)
+    stops: bool = field(init=False, default=False)
 
-    @property
-    def stops(self) -> bool:
-        """Instructions Unicorn must stop before: they cannot run natively."""
-        return self.kind in (STORE_EXCLUSIVE, UNSUPPORTED)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stops", self.kind in (STORE_EXCLUSIVE, UNSUPPORTED))
 
 
 _PLAIN = Insn(PLAIN)
