@@ -132,6 +132,12 @@ def execute(case: Case, redirects: tuple[tuple[int, int], ...] = ()) -> ExecLog:
     return machine().run(case, redirects)
 
 
+def forget_code() -> None:
+    """Load the next case as fresh code, even if it is the last one again
+    (benchmarks: what a campaign's next input costs, translation included)."""
+    machine().case = None
+
+
 _MACHINE: "Machine | None" = None
 
 
