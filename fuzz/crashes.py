@@ -29,7 +29,8 @@ from oracle.run import Result, check
 
 from .report import result_table
 
-FLUSH_EVERY_S = 10.0
+FLUSH_EVERY_S = 10.0          # counts reach the disk at least this often ...
+FLUSH_SHARE = 0.01            # ... unless writing them would take more than this share of the time
 
 
 def now_iso(t: float | None = None) -> str:
@@ -85,6 +86,7 @@ class CrashStore:
         self.seen: set[str] = set()
         self.pending: dict[str, _Pending] = {}
         self.last_flush = time.monotonic()
+        self.flush_every = FLUSH_EVERY_S
 
     def record(self, r: Result, execs: int = 0) -> bool:
         """Keep a divergent result; True if its signature is new to the store.
@@ -103,7 +105,7 @@ class CrashStore:
         p.last_seen = time.time()
         if p.best is None or len(r.case.words) < len(p.best.case.words):
             p.best = r
-        if time.monotonic() - self.last_flush > FLUSH_EVERY_S:
+        if time.monotonic() - self.last_flush > self.flush_every:
             self.flush()
         return False
 
@@ -155,7 +157,8 @@ class CrashStore:
                      + result_table(r, "case.json") + "\n")
 
     def flush(self) -> None:
-        self.last_flush = time.monotonic()
+        """Counts, last sightings and smaller cases of known signatures to disk."""
+        begun = self.last_flush = time.monotonic()
         for sid, p in list(self.pending.items()):
             path = self.root / sid
             if not path.is_dir():
@@ -175,3 +178,7 @@ class CrashStore:
                     info["case_insns"] = len(whole.case.words)
                 write_atomic(path / "divergence.json", json.dumps(info, indent=2) + "\n")
         self.pending.clear()
+        # A campaign with hundreds of signatures spends a few hundred ms per
+        # flush (a locked read and write of each): space flushes out so that
+        # they stay a small share of its time.
+        self.flush_every = max(FLUSH_EVERY_S, (time.monotonic() - begun) / FLUSH_SHARE)
