@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 from .guest import ExecLog
 from .trace import HSR_STEPPED, RefTrace, Stop, Trace
@@ -24,14 +24,14 @@ class Divergence:
     got: Stop | None              # the model's stop there
     detail: str = ""
 
-    @cached_property       # (campaigns ask for it several times per divergence)
+    @property
     def signature(self) -> str:
         """Stable across runs and cases: era, kind and cause, never PCs or counts."""
         return f"{self.era}/{self.kind}/{self.cause}"
 
-    @cached_property
+    @property
     def sig_id(self) -> str:
-        return hashlib.sha1(self.signature.encode()).hexdigest()[:12]
+        return _sig_id(self.signature)
 
     @property
     def title(self) -> str:
@@ -48,6 +48,11 @@ class Divergence:
                 "id": self.sig_id, "cause": self.cause, "title": self.title,
                 "expected": _stop_json(self.expected), "got": _stop_json(self.got),
                 **({"detail": self.detail} if self.detail else {})}
+
+
+@lru_cache(maxsize=4096)   # campaigns ask for it several times per divergence, of few signatures
+def _sig_id(signature: str) -> str:
+    return hashlib.sha1(signature.encode()).hexdigest()[:12]
 
 
 def _stop_json(s: Stop | None) -> dict | None:
