@@ -100,12 +100,12 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
         # the next instruction is ordinary, and nothing is pending
         ordinary = idx < log.n and run_end[idx] > idx and not next_run and not exits and not hw.why \
             and hw.log is log
-        if ordinary and FAST_FORWARD:
-            n = _fast_forward(kvm, hw, shared, stops, case)
+        before = _state(kvm, hw) if ordinary else None
+        if before in _STEADY and FAST_FORWARD:
+            n = _fast_forward(hw, shared, stops, case)
             if n:
                 last_retired = hw.retired
                 continue
-        before = _state(kvm, hw) if ordinary else None
         if next_run:
             actions, next_run = next_run, []
             if "signal" in actions:
@@ -162,10 +162,8 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
     return trace
 
 
-def _fast_forward(kvm: Kvm, hw: GuestHw, shared: _Shared, stops: list[Stop], case) -> int:
+def _fast_forward(hw: GuestHw, shared: _Shared, stops: list[Stop], case) -> int:
     """Apply a run of ordinary instructions from a steady state; returns how many."""
-    if _state(kvm, hw) not in _STEADY:
-        return 0
     start = hw.idx
     if start >= len(shared.run_end):
         return 0
