@@ -50,7 +50,7 @@ PLAIN = (DONE_NATIVE,)     # an ordinary stop: nothing to learn from it
 
 def _new_key(k: tuple[str, tuple[str, ...], int, int]) -> int:
     era, why, steps, hsr = k
-    if len(_KEYS) > 100_000:      # a cache: keep memory bounded in long campaigns
+    if len(_KEYS) > 20_000:       # a cache: keep memory bounded in long campaigns (~5 MB)
         _KEYS.clear()
     isv = (hsr >> 24) & 1
     h = _KEYS[k] = zlib.crc32(f"{era}|{'+'.join(sorted(set(why)))}|{min(steps, 3)}|{isv}".encode())
