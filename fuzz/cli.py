@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-steps", type=int, default=MAX_STEPS_BOUND,
                    help=f"bound on any input's max_steps (default {MAX_STEPS_BOUND})")
     f.add_argument("--code-coverage", action=argparse.BooleanOptionalAction, default=False,
-                   help="also guide by coverage of the era models' policy code (about half as fast; "
+                   help="also guide by coverage of the era models' policy code (about a quarter fewer executions; "
                         "default: behaviour features only)")
     f.add_argument("libfuzzer", nargs="*", metavar="-- LIBFUZZER_FLAG", help="extra libFuzzer flags after --")
     f.set_defaults(func=cmd_fuzz)

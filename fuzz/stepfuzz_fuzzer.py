@@ -29,8 +29,8 @@ import time
 import atheris
 
 # Code coverage, on request: the era models' policy decisions -- the methods of
-# the kernel model where releases differ.  Not by default: tracing them makes
-# every execution about twice as slow and, in side-by-side campaigns, found no
+# the kernel model where releases differ.  Not by default: tracing them costs
+# about a quarter of the executions and, in side-by-side campaigns, found no
 # root cause the behaviour features alone did not (docs/campaigns.md).  The
 # guest CPU, the run loop and the comparator are never instrumented: their
 # branches saturate at once.
