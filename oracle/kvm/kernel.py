@@ -31,10 +31,7 @@ class Kvm:
         self.signal = False               # a signal is pending for the vCPU thread
         self.signal_on_trap: set[int] = set()   # `trap` events: instruction indices
         self.ending = ""
-        # The era's choices as plain attributes: they are read on every entry
-        self.ss_on_entry = era.entry_ss          # FORCE / KEEP_PENDING / UNTOUCHED
-        self.remembers_pending = era.entry_ss == KEEP_PENDING
-        self.ss_at_load_put = era.ss_at_load_put
+        self.remembers_pending = era.entry_ss == KEEP_PENDING   # 6.1's DBG_SS_ACTIVE_PENDING
         if era.armed_at_enable:
             hw.ss = True                  # KVM_SET_GUEST_DEBUG arms the first step
 
@@ -47,7 +44,7 @@ class Kvm:
                 self.signal = False       # delivered on the way back to userspace
                 return EXIT_DEBUG
         # (the policy points below are called only where the era has them)
-        if self.ss_at_load_put:
+        if self.era.ss_at_load_put:
             self.vcpu_load()
         if immediate_exit:
             ret: int | str = EINTR        # exit_reason is left as it was
@@ -63,7 +60,7 @@ class Kvm:
                     break
                 if preempt:
                     preempt = False       # kvm_sched_out / kvm_sched_in before entry
-                    if self.ss_at_load_put:
+                    if self.era.ss_at_load_put:
                         self.vcpu_put()
                         self.vcpu_load()
                 self.setup_debug()
@@ -76,7 +73,7 @@ class Kvm:
         # out:
         if self.increment_pc and self.era.commit_pc_at_out:
             self.adjust_pc()
-        if self.ss_at_load_put:
+        if self.era.ss_at_load_put:
             self.vcpu_put()
         self.signal = False               # delivered to the VMM on the way back to userspace
         return self.exit_reason if ret == 0 else ret  # type: ignore[return-value]
@@ -84,7 +81,7 @@ class Kvm:
     # ------------------------------------------------------------ debug.c
 
     def setup_debug(self) -> None:
-        if self.ss_on_entry == FORCE:
+        if self.era.entry_ss == FORCE:
             self.hw.ss = True
         elif self.remembers_pending:
             self.hw.ss = not self.ss_active_pending
