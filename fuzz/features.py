@@ -68,7 +68,8 @@ def behaviours(results: list[Result]) -> set[int]:
         for _pc, steps, hsr, _exits, why in r.model.stops:     # (the hot loop of this module)
             if steps != 1 or why != PLAIN:
                 k = (era, why, steps, hsr)
-                keys.add(known(k) or _new_key(k))
+                h = known(k)
+                keys.add(_new_key(k) if h is None else h)
         if r.divergence is not None:
             keys.add(zlib.crc32(r.divergence.signature.encode()))
     return keys
