@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oracle.realkvm import RealKvmError, kernels
+from stepfuzz.oracle.realkvm import RealKvmError, kernels
 
 REPO = Path(__file__).resolve().parent.parent
 # Real-kernel tests skip without QEMU or a kernel, unless this is set (CI), where they fail.
@@ -21,7 +21,7 @@ MMIO = {"base": "0x20000000", "size": "0x1000", "kind": "mmio"}
 
 def stepfuzz(*args, timeout: float = 900, cwd: Path = REPO, env: dict | None = None):
     """Run the stepfuzz command as a user would (python -m, in the repository)."""
-    return subprocess.run([sys.executable, "-m", "fuzz.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stepfuzz.fuzz.cli.main", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 
 

@@ -1,6 +1,6 @@
 """The benchmark measures what it says (its figures are for people; no timing is asserted)."""
-from fuzz.bench import SIZES, bench_cases, campaign_rate, measure, table
-from oracle.guest import END, execute
+from stepfuzz.fuzz.campaign.bench import SIZES, bench_cases, campaign_rate, measure, table
+from stepfuzz.oracle.guest import END, execute
 
 
 def test_bench_cases_have_the_length_and_mix_they_claim():

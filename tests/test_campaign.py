@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, stepfuzz
-import fuzz.mutate as mutate
-from fuzz.crashes import CrashStore
-from fuzz.encoding import EVENT_KINDS, MAGIC, NotACase, decode, decode_input, encode
-from fuzz.generate import generate
-from oracle.case import IPA_LIMIT, PAGE, load_case, parse_case
-from oracle.kvm.eras import select
-from oracle.run import check
+import stepfuzz.fuzz.inputs.mutate as mutate
+from stepfuzz.fuzz.findings.store import CrashStore
+from stepfuzz.fuzz.inputs.encoding import EVENT_KINDS, MAGIC, NotACase, decode, decode_input, encode
+from stepfuzz.fuzz.inputs.generate import generate
+from stepfuzz.oracle.case import IPA_LIMIT, PAGE, load_case, parse_case
+from stepfuzz.oracle.kvm.eras import select
+from stepfuzz.oracle.run import check
 
 
 # ---------------------------------------------------------------- encoding
@@ -118,7 +118,7 @@ def test_a_divergence_that_does_not_reproduce_is_never_kept(tmp_path):
     a new signature and for a smaller case replacing a kept one.  (The leak
     is simulated: the result is paired with a case that agrees.)"""
     from dataclasses import replace
-    from fuzz.crashes import UnstableDivergence
+    from stepfuzz.fuzz.findings.store import UnstableDivergence
     known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
     (r,) = check(known, select("6.1"))
     calm = replace(known, events=())
@@ -194,7 +194,7 @@ def test_resume_keeps_everything_and_skips_junk_with_a_warning(tmp_path):
 
 def test_sigkill_in_the_middle_loses_nothing_written(tmp_path):
     corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
-    proc = subprocess.Popen([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", "120s", "--seed", "5",
+    proc = subprocess.Popen([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "fuzz", "--time", "120s", "--seed", "5",
                              "--corpus", str(corpus), "--crashes", str(crashes)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 90
@@ -222,7 +222,7 @@ def test_a_stop_request_ends_the_campaign_and_flushes_its_counts(tmp_path, jobs)
     with every worker's final counts written."""
     for i in range(3):
         crashes = tmp_path / f"crashes{i}"
-        proc = subprocess.Popen([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", "120s", "--seed", str(i + 1),
+        proc = subprocess.Popen([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "fuzz", "--time", "120s", "--seed", str(i + 1),
                                  "--jobs", str(jobs), "--corpus", str(tmp_path / f"corpus{i}"), "--crashes", str(crashes)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.time() + 60

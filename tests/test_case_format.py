@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import CODE, DATA, MMIO, make
-from oracle.case import CaseError, load_case, loads_case, parse_case
+from stepfuzz.oracle.case import CaseError, load_case, loads_case, parse_case
 
 
 def test_asm_and_words_give_the_same_case():

@@ -7,13 +7,13 @@ import subprocess
 import pytest
 
 from conftest import CORPUS, REPO, stepfuzz
-from fuzz import features
-from fuzz.encoding import NotACase, decode_input
-from oracle.case import load_case
-from oracle.kvm.eras import select
-from oracle.run import check
+from stepfuzz.fuzz.harness import features
+from stepfuzz.fuzz.inputs.encoding import NotACase, decode_input
+from stepfuzz.oracle.case import load_case
+from stepfuzz.oracle.kvm.eras import select
+from stepfuzz.oracle.run import check
 
-HARNESS = REPO / "fuzz" / "stepfuzz_fuzzer.py"
+HARNESS = REPO / "fuzz" / "harness" / "stepfuzz_fuzzer.py"
 COLLECT = ["--collect-all", "unicorn", "--collect-all", "capstone", "--collect-all", "keystone",
            "--collect-all", "atheris"]
 

@@ -2,8 +2,8 @@
 import pytest
 
 from conftest import CODE, DATA, MMIO, make
-from oracle.case import parse_case
-from oracle.guest import (CODE_SLOTS, END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, NOT_SUPPORTED,
+from stepfuzz.oracle.case import parse_case
+from stepfuzz.oracle.guest import (CODE_SLOTS, END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, NOT_SUPPORTED,
                           UNSUPPORTED_INSN, execute, hvc_result)
 
 GICD = {"base": "0x8000000", "size": "0x10000", "kind": "mmio-kernel"}

@@ -3,7 +3,7 @@ import random
 
 from capstone import CS_ARCH_ARM64, CS_MODE_ARM, Cs
 
-from oracle.isa import DBGREG, HVC, MEM, PLAIN, STORE_EXCLUSIVE, UNSUPPORTED, decode
+from stepfuzz.oracle.isa import DBGREG, HVC, MEM, PLAIN, STORE_EXCLUSIVE, UNSUPPORTED, decode
 
 CS = Cs(CS_ARCH_ARM64, CS_MODE_ARM)
 SINGLE = {"ldr", "ldrb", "ldrh", "ldrsb", "ldrsh", "ldrsw", "ldur", "ldurb", "ldurh", "ldursb", "ldursh",

@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 
 from conftest import CORPUS, stepfuzz
-from fuzz import insns as I
-from fuzz.crashes import CrashStore
-from fuzz.export import c_comment, c_string, selftest, standalone
-from fuzz.minimize import minimize
-from oracle.case import load_case
-from oracle.kvm.eras import ERAS, select
-from oracle.run import check
+from stepfuzz.fuzz.inputs import insns as I
+from stepfuzz.fuzz.findings.store import CrashStore
+from stepfuzz.fuzz.findings.export import c_comment, c_string, selftest, standalone
+from stepfuzz.fuzz.findings.minimize import minimize
+from stepfuzz.oracle.case import load_case
+from stepfuzz.oracle.kvm.eras import ERAS, select
+from stepfuzz.oracle.run import check
 
 
 def padded_6_1_case():

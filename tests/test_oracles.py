@@ -5,12 +5,12 @@ import random
 import pytest
 
 from conftest import CODE, CORPUS, make
-from oracle.archstep import arch_step_pcs
-from oracle.case import load_case, parse_case
-from oracle.guest import execute
-from oracle.kvm.eras import ERAS, select
-from oracle.reference import reference
-from oracle.run import check
+from stepfuzz.oracle.archstep import arch_step_pcs
+from stepfuzz.oracle.case import load_case, parse_case
+from stepfuzz.oracle.guest import execute
+from stepfuzz.oracle.kvm.eras import ERAS, select
+from stepfuzz.oracle.reference import reference
+from stepfuzz.oracle.run import check
 
 CORPUS_FILES = sorted(CORPUS.rglob("*.json"))
 DATA_PF = {"base": "0x40000", "size": "0x4000", "kind": "ram", "prefault": True}
@@ -116,9 +116,9 @@ def test_fast_forward_changes_no_trace(monkeypatch):
     """Runs of plain instructions applied in bulk from learned steady states
     must give exactly the traces of the full loop, on generated and mutated
     cases, with the learned states empty and full."""
-    from fuzz.generate import generate
-    import fuzz.mutate as mutate
-    import oracle.kvm.vmm as vmm
+    from stepfuzz.fuzz.inputs.generate import generate
+    import stepfuzz.fuzz.inputs.mutate as mutate
+    import stepfuzz.oracle.kvm.vmm as vmm
     monkeypatch.setattr(mutate, "BYTE_LEVEL_SHARE", 0.0)
     rnd = random.Random(11)
     cases = [generate(rnd) for _ in range(300)] + [load_case(p) for p in CORPUS_FILES]
@@ -138,8 +138,8 @@ def test_fast_forward_changes_no_trace(monkeypatch):
 def test_stopping_at_the_first_divergence_gives_the_same_divergence(monkeypatch):
     """Campaigns stop each model at its first differing stop; the divergence
     (kind, stop, signature, both stops) must be the one the full trace gives."""
-    from fuzz.generate import generate
-    import fuzz.mutate as mutate
+    from stepfuzz.fuzz.inputs.generate import generate
+    import stepfuzz.fuzz.inputs.mutate as mutate
     monkeypatch.setattr(mutate, "BYTE_LEVEL_SHARE", 0.0)
     rnd = random.Random(9)
     cases = [generate(rnd) for _ in range(200)] + [load_case(p) for p in CORPUS_FILES]

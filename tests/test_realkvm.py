@@ -13,11 +13,11 @@ import time
 import pytest
 
 from conftest import CODE, CORPUS, MMIO, REPO, make, stepfuzz
-from oracle.case import INSN_EVENTS, load_case, parse_case
-from oracle.guest import execute
-from oracle.realkvm import kernels
-from oracle.realkvm.batch import Parser, RealTrace, difference, encode, infer_steps
-from oracle.trace import HSR_NOT_STEPPED, HSR_STEPPED, Exit, Stop, Trace
+from stepfuzz.oracle.case import INSN_EVENTS, load_case, parse_case
+from stepfuzz.oracle.guest import execute
+from stepfuzz.oracle.realkvm import kernels
+from stepfuzz.oracle.realkvm.batch import Parser, RealTrace, difference, encode, infer_steps
+from stepfuzz.oracle.trace import HSR_NOT_STEPPED, HSR_STEPPED, Exit, Stop, Trace
 
 KERNELS = ("6.1", "latest")
 CORPUS_FILES = sorted(str(p.relative_to(REPO)) for p in CORPUS.rglob("*.json"))

@@ -13,11 +13,11 @@ import subprocess
 import pytest
 
 from conftest import CORPUS, stepfuzz
-from fuzz.export import as_reproduced
-from oracle.case import load_case
-from oracle.kvm.eras import ERAS
-from oracle.run import check
-from oracle.realkvm import kernels as K
+from stepfuzz.fuzz.findings.export import as_reproduced
+from stepfuzz.oracle.case import load_case
+from stepfuzz.oracle.kvm.eras import ERAS
+from stepfuzz.oracle.run import check
+from stepfuzz.oracle.realkvm import kernels as K
 
 KNOWN = sorted((CORPUS / "known").glob("*.json"))
 KERNELS = ("5.10", "6.1", "latest")
@@ -58,9 +58,9 @@ def test_reproducer_fails_where_the_bug_is_and_passes_where_fixed(reproducers, k
 
 
 def test_triage_says_which_real_kernels_show_each_root_cause(tools, kernel, tmp_path):
-    from fuzz.crashes import CrashStore
-    from oracle.kvm.eras import select
-    from oracle.run import check
+    from stepfuzz.fuzz.findings.store import CrashStore
+    from stepfuzz.oracle.kvm.eras import select
+    from stepfuzz.oracle.run import check
     kernel("6.1")
     store = CrashStore(tmp_path / "crashes")
     for f in KNOWN:

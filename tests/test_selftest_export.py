@@ -48,11 +48,11 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, stepfuzz, unavailable
-from fuzz.export import as_reproduced
-from oracle.case import load_case
-from oracle.kvm.eras import ERAS
-from oracle.run import check
-from oracle.realkvm import RealKvmError, cache_root, kernels
+from stepfuzz.fuzz.findings.export import as_reproduced
+from stepfuzz.oracle.case import load_case
+from stepfuzz.oracle.kvm.eras import ERAS
+from stepfuzz.oracle.run import check
+from stepfuzz.oracle.realkvm import RealKvmError, cache_root, kernels
 
 CASE = CORPUS / "known" / "6.1-immediate-exit-after-mmio.json"
 TEST_ASSERT_EXIT = 254                          # the library's exit status after a TEST_ASSERT failure

@@ -12,10 +12,10 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oracle.guest import END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, UNSUPPORTED_INSN
-from oracle.kvm.vmm import STUCK
+from stepfuzz.oracle.guest import END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, UNSUPPORTED_INSN
+from stepfuzz.oracle.kvm.vmm import STUCK
 
-from .crashes import crash_records
+from stepfuzz.fuzz.findings.store import crash_records
 
 # how a run ended: context in a cause, never a trigger
 ENDINGS = {END, MAX_STEPS, GUEST_EXCEPTION, UNSUPPORTED_INSN, NO_SYNDROME, LEFT_CODE, STUCK}
@@ -35,7 +35,7 @@ class Bucket:
 
     @property
     def eras(self) -> list[str]:
-        from oracle.kvm.eras import ERA_IDS
+        from stepfuzz.oracle.kvm.eras import ERA_IDS
         present = {m["era"] for m in self.members}
         return [e for e in ERA_IDS if e in present]
 
@@ -76,7 +76,7 @@ def collect(crashes: Path) -> list[Bucket]:
         minimized = d / "minimized.json"
         info["reproducer"] = str(minimized if minimized.exists() else d / "case.json")
         if minimized.exists():
-            from oracle.case import load_case
+            from stepfuzz.oracle.case import load_case
             info["min_insns"] = len(load_case(minimized).words)
         key = root_cause(info)
         buckets.setdefault(key, Bucket(*key)).members.append(info)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import zlib
 
-from oracle.run import Result
-from oracle.trace import DONE_NATIVE
+from stepfuzz.oracle.run import Result
+from stepfuzz.oracle.trace import DONE_NATIVE
 
 DEPTH = 10
 SPLIT = 5          # 2**SPLIT small trees of depth DEPTH - SPLIT: cheap to instrument

@@ -34,20 +34,20 @@ import atheris
 # root cause the behaviour features alone did not (docs/campaigns.md).  The
 # guest CPU, the run loop and the comparator are never instrumented: their
 # branches saturate at once.
-import oracle.kvm.kernel  # noqa: E402
+import stepfuzz.oracle.kvm.kernel  # noqa: E402
 POLICY_METHODS = ("setup_debug", "clear_debug", "vcpu_load", "vcpu_put", "skip_instr", "adjust_pc",
                   "fake_step", "mmio_return", "handle_guest_debug", "handle_trap")
 if os.environ.get("STEPFUZZ_CODE_COVERAGE", "0") == "1":
     for _name in POLICY_METHODS:
-        setattr(oracle.kvm.kernel.Kvm, _name, atheris.instrument_func(getattr(oracle.kvm.kernel.Kvm, _name)))
-from oracle.kvm.eras import select
-from oracle.run import check
-from fuzz import features
-from fuzz.encoding import MAX_STEPS_BOUND, NotACase, decode_input
+        setattr(stepfuzz.oracle.kvm.kernel.Kvm, _name, atheris.instrument_func(getattr(stepfuzz.oracle.kvm.kernel.Kvm, _name)))
+from stepfuzz.oracle.kvm.eras import select
+from stepfuzz.oracle.run import check
+from stepfuzz.fuzz.harness import features
+from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, NotACase, decode_input
 
-from fuzz.crashes import CrashStore, UnstableDivergence
-from fuzz.mutate import custom_crossover, custom_mutator
-from fuzz.workers import WorkerStats
+from stepfuzz.fuzz.findings.store import CrashStore, UnstableDivergence
+from stepfuzz.fuzz.inputs.mutate import custom_crossover, custom_mutator
+from stepfuzz.fuzz.harness.workers import WorkerStats
 
 
 class DivergenceFound(Exception):

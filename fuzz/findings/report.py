@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from oracle.asm import disasm
-from oracle.case import Case
-from oracle.trace import Exit, Stop
+from stepfuzz.oracle.asm import disasm
+from stepfuzz.oracle.case import Case
+from stepfuzz.oracle.trace import Exit, Stop
 
 if TYPE_CHECKING:
-    from oracle.run import Result
+    from stepfuzz.oracle.run import Result
 
 ROW_LIMIT = 60          # longer traces are shown around the divergence
 
@@ -90,7 +90,7 @@ def readable(case: Case) -> Case:
     to exactly the same words (capstone and keystone agree); else unchanged."""
     from dataclasses import replace
 
-    from oracle.asm import AsmError, assemble
+    from stepfuzz.oracle.asm import AsmError, assemble
     text = "\n".join(disasm(w, case.base + 4 * i) for i, w in enumerate(case.words))
     try:
         if tuple(assemble(text, case.base)) == case.words:

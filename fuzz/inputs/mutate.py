@@ -10,11 +10,11 @@ import random
 from dataclasses import replace
 from typing import Callable
 
-from oracle.case import IPA_LIMIT, PAGE, REG_NAMES, Case, Event, Region
-from oracle.isa import MASK64
+from stepfuzz.oracle.case import IPA_LIMIT, PAGE, REG_NAMES, Case, Event, Region
+from stepfuzz.oracle.isa import MASK64
 
-from . import generate as G
-from .encoding import NotACase, decode, decode_input, encode
+from stepfuzz.fuzz.inputs import generate as G
+from stepfuzz.fuzz.inputs.encoding import NotACase, decode, decode_input, encode
 
 MAX_WORDS = 256
 BYTE_LEVEL_SHARE = 0.1

@@ -7,17 +7,17 @@ import random
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from oracle.kvm.eras import select
-from oracle.run import check
+from stepfuzz.oracle.kvm.eras import select
+from stepfuzz.oracle.run import check
 
-from .crashes import crash_records, read_json
-from .encoding import MAX_STEPS_BOUND
-from .generate import generate
+from stepfuzz.fuzz.findings.store import crash_records, read_json
+from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND
+from stepfuzz.fuzz.inputs.generate import generate
+from stepfuzz.fuzz.campaign.supervisor import STEPFUZZ_COMMAND
 
 # class -> (signature prefix, a token its cause must contain)
 CLASSES = {"4.15 zero-step": ("4.15/zero-step/", ""), "5.10 multi-step": ("5.10/multi-step/", ""),
@@ -38,7 +38,7 @@ def with_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
     """A single-process campaign on an empty corpus, stopped once every target is found."""
     with tempfile.TemporaryDirectory(prefix="stepfuzz-rediscover-") as tmp:
         crashes = Path(tmp) / "crashes"
-        proc = subprocess.Popen([sys.executable, "-m", "fuzz.cli", "fuzz", "--era", ERAS, "--seed", str(seed),
+        proc = subprocess.Popen([*STEPFUZZ_COMMAND, "fuzz", "--era", ERAS, "--seed", str(seed),
                                  "--time", f"{int(limit_s)}s", "--corpus", str(Path(tmp) / "corpus"),
                                  "--crashes", str(crashes)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

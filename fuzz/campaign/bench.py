@@ -25,7 +25,6 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -33,14 +32,15 @@ from pathlib import Path
 
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 
-from oracle.case import Case
-from oracle.guest import END, REG_IDS, _Regs, execute, forget_code, program_bytes
-from oracle.isa import DBGREG, HVC, decode
-from oracle.kvm.eras import ERAS, select
-from oracle.reference import reference
-from oracle.run import check
+from stepfuzz.oracle.case import Case
+from stepfuzz.oracle.guest import END, REG_IDS, _Regs, execute, forget_code, program_bytes
+from stepfuzz.oracle.isa import DBGREG, HVC, decode
+from stepfuzz.oracle.kvm.eras import ERAS, select
+from stepfuzz.oracle.reference import reference
+from stepfuzz.oracle.run import check
 
-from . import generate as G
+from stepfuzz.fuzz.inputs import generate as G
+from stepfuzz.fuzz.campaign.supervisor import STEPFUZZ_COMMAND
 
 SIZES = (16, 64, 256)
 
@@ -149,7 +149,7 @@ def campaign_rate(seconds: float, *flags: str) -> tuple[float, float]:
     """Executions per second and peak worker RSS of a real campaign (default settings plus `flags`)."""
     with tempfile.TemporaryDirectory(prefix="stepfuzz-bench-") as tmp:
         crashes = Path(tmp) / "crashes"
-        done = subprocess.run([sys.executable, "-m", "fuzz.cli", "fuzz", "--time", f"{int(seconds)}s", "--seed", "1",
+        done = subprocess.run([*STEPFUZZ_COMMAND, "fuzz", "--time", f"{int(seconds)}s", "--seed", "1",
                                "--corpus", str(Path(tmp) / "corpus"), "--crashes", str(crashes), *flags],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
         workers = [json.loads(p.read_text()) for p in (crashes / ".workers").glob("*.json")]

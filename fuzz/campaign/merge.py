@@ -18,12 +18,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from oracle.kvm.eras import Era, select
-from oracle.run import check
+from stepfuzz.oracle.kvm.eras import Era, select
+from stepfuzz.oracle.run import check
 
-from .campaign import harness_launcher
-from .crashes import crash_records, read_json, write_atomic
-from .encoding import MAX_STEPS_BOUND, NotACase, decode_input
+from stepfuzz.fuzz.campaign.supervisor import harness_launcher
+from stepfuzz.fuzz.findings.store import crash_records, read_json, write_atomic
+from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, NotACase, decode_input
 
 CONTROL = ".merge_control"
 

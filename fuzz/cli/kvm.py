@@ -9,14 +9,14 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-from oracle.realkvm import RealKvmError, cache_root
-from oracle.trace import Stop, Trace, numbered_exits
+from stepfuzz.oracle.realkvm import RealKvmError, cache_root
+from stepfuzz.oracle.trace import Stop, Trace, numbered_exits
 
-from .cli import EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, eras_arg, fail, load_cases
-from .report import exits_text, insn_at, shown_rows, stop_json
+from stepfuzz.fuzz.cli.common import EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, eras_arg, fail, load_cases
+from stepfuzz.fuzz.findings.report import exits_text, insn_at, shown_rows, stop_json
 
 if TYPE_CHECKING:
-    from oracle.realkvm.batch import RealTrace
+    from stepfuzz.oracle.realkvm.batch import RealTrace
 
 HOST = "host"                 # --kernel host: this arm64 machine's own KVM
 
@@ -71,7 +71,7 @@ def _kernel_opts(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- kernels
 
 def cmd_kernels_fetch(args: argparse.Namespace) -> int:
-    from oracle.realkvm.kernels import RELEASES, fetch
+    from stepfuzz.oracle.realkvm.kernels import RELEASES, fetch
     names = args.names or list(RELEASES)
     for name in names:
         if name not in RELEASES:
@@ -86,7 +86,7 @@ def cmd_kernels_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels_list(args: argparse.Namespace) -> int:
-    from oracle.realkvm.kernels import cached
+    from stepfuzz.oracle.realkvm.kernels import cached
     root = cache_root(args.cache)
     rows = cached(root)
     if not rows:
@@ -107,7 +107,7 @@ def _kernel(args: argparse.Namespace):
 
 def resolve_kernel(spec: str | None, cache: str | None = None):
     """A --kernel value -> the Kernel to boot, or None for this host's own KVM."""
-    from oracle.realkvm import kernels, vm
+    from stepfuzz.oracle.realkvm import kernels, vm
     spec = spec or (HOST if vm.native() else None)
     if spec is None:
         fail("--kernel is required (5.10, 6.1, 6.12, latest or a PATH; see `stepfuzz kernels list`)")
@@ -130,7 +130,7 @@ def _describe(kernel) -> str:
 
 
 def _run(args: argparse.Namespace, cases, kernel):
-    from oracle.realkvm import vm
+    from stepfuzz.oracle.realkvm import vm
     try:
         return vm.run_cases([(str(p), c) for p, c in cases], kernel, cache_root(args.cache), args.boot_timeout)
     except RealKvmError as e:
@@ -163,8 +163,8 @@ def cmd_kvm_run(args: argparse.Namespace) -> int:
 
 
 def cmd_kvm_check(args: argparse.Namespace) -> int:
-    from oracle.realkvm.batch import difference
-    from oracle.run import check
+    from stepfuzz.oracle.realkvm.batch import difference
+    from stepfuzz.oracle.run import check
     cases, bad = load_cases(args.cases)
     kernel = _kernel(args)
     if args.era:
@@ -234,7 +234,7 @@ def cmd_kvm_check(args: argparse.Namespace) -> int:
 
 def _era_of(kernel) -> str | None:
     import platform
-    from oracle.realkvm.kernels import era_for_version
+    from stepfuzz.oracle.realkvm.kernels import era_for_version
     if kernel is None:
         try:
             return era_for_version(platform.release())
@@ -244,7 +244,7 @@ def _era_of(kernel) -> str | None:
 
 
 def cmd_kvm_exec(args: argparse.Namespace) -> int:
-    from oracle.realkvm import vm
+    from stepfuzz.oracle.realkvm import vm
     program = Path(args.program)
     if not program.is_file():
         fail(f"{program}: no such file")
@@ -345,10 +345,10 @@ def triage_on_kernels(buckets, names: list[str]) -> None:
     boot per kernel) and say whether the kernel shows the divergence: its
     trace is identical to its era model's, which does or does not diverge
     from the reference.  A kernel that departs from its era model is flagged."""
-    from oracle.case import load_case
-    from oracle.realkvm import vm
-    from oracle.realkvm.batch import difference
-    from oracle.run import check
+    from stepfuzz.oracle.case import load_case
+    from stepfuzz.oracle.realkvm import vm
+    from stepfuzz.oracle.realkvm.batch import difference
+    from stepfuzz.oracle.run import check
     cases = [(b.smallest["reproducer"], load_case(b.smallest["reproducer"])) for b in buckets]
     for name in names:
         kernel = resolve_kernel(name)

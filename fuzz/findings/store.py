@@ -25,9 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from oracle.run import Result, check
+from stepfuzz.oracle.run import Result, check
 
-from .report import result_table
+from stepfuzz.fuzz.findings.report import result_table
 
 FLUSH_EVERY_S = 10.0          # counts reach the disk at least this often ...
 FLUSH_SHARE = 0.01            # ... unless writing them would take more than this share of the time

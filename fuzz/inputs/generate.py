@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from oracle.case import INSN_EVENTS, REG_NAMES, Case, Event, Region
+from stepfuzz.oracle.case import INSN_EVENTS, REG_NAMES, Case, Event, Region
 
-from . import insns as I
-from .encoding import EVENT_KINDS
+from stepfuzz.fuzz.inputs import insns as I
+from stepfuzz.fuzz.inputs.encoding import EVENT_KINDS
 
 CODE_BASE = 0x10000
 DATA, DATA2, MMIO, GICD_RAZ = 0x40000, 0x42000, 0x20000000, 0x800C000

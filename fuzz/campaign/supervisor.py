@@ -21,11 +21,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from oracle.case import CaseError, load_case
-from oracle.realkvm import cache_root, last_line
+from stepfuzz.oracle.case import CaseError, load_case
+from stepfuzz.oracle.realkvm import cache_root, last_line
 
-from .crashes import crash_records, now_iso, read_json, write_atomic
-from .encoding import MAX_STEPS_BOUND, looks_like_json
+from stepfuzz.fuzz.findings.store import crash_records, now_iso, read_json, write_atomic
+from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, looks_like_json
 
 STATS_EVERY_S = 10.0
 RATE_WINDOW_S = 10.0
@@ -33,6 +33,11 @@ STOP_GRACE_S = 30.0       # after a stop request, libFuzzer is killed if it stil
 LIBFUZZER_LINE = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+)(?: corp: (\d+)/\S+)?.*?exec/s: (\d+)")
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+# The stepfuzz command as a child process (rediscover and bench run campaigns
+# as a user would)
+STEPFUZZ_COMMAND = (sys.executable, "-m", "stepfuzz.fuzz.cli.main")
 
 
 def parse_duration(text: str) -> float:
@@ -67,14 +72,18 @@ class Config:
 def harness_launcher() -> Path:
     """An executable that starts the harness with this Python: libFuzzer's
     -jobs and -fork modes re-execute argv[0]. It imports the harness from
-    the checkout that wrote it: a campaign runs the code that started it,
-    whatever is installed."""
-    root = str(Path(__file__).resolve().parent.parent)
-    # one per checkout and Python, so two checkouts' campaigns never swap code
+    the copy of stepfuzz that wrote it (a checkout or an installed package):
+    a campaign runs the code that started it, whatever else is installed."""
+    root = str(Path(__file__).resolve().parents[2])     # holds oracle/ and fuzz/
+    # one per copy and Python, so two checkouts' campaigns never swap code
     tag = hashlib.sha256(f"{sys.executable}\0{root}".encode()).hexdigest()[:12]
     path = cache_root() / "bin" / tag / "stepfuzz_fuzzer"
-    text = (f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {root!r})\n"
-            "from fuzz.stepfuzz_fuzzer import main\nmain()\n")
+    # `stepfuzz` is the folder holding oracle/ and fuzz/ (see pyproject.toml)
+    text = (f"#!{sys.executable}\nimport importlib.machinery, importlib.util, sys\n"
+            "spec = importlib.machinery.ModuleSpec('stepfuzz', None, is_package=True)\n"
+            f"spec.submodule_search_locations = [{root!r}]\n"
+            "sys.modules['stepfuzz'] = importlib.util.module_from_spec(spec)\n"
+            "from stepfuzz.fuzz.harness.stepfuzz_fuzzer import main\nmain()\n")
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text)

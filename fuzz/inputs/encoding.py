@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 import struct
 
-from oracle.case import (IPA_LIMIT, MAX_INSNS, MAX_RAM, MAX_STEPS_LIMIT, PAGE, REG_NAMES, REGION_KINDS,
+from stepfuzz.oracle.case import (IPA_LIMIT, MAX_INSNS, MAX_RAM, MAX_STEPS_LIMIT, PAGE, REG_NAMES, REGION_KINDS,
                          Case, CaseError, Event, Region, loads_case)
 
-from .insns import NOP
+from stepfuzz.fuzz.inputs.insns import NOP
 
 MAGIC = b"SF1"
 MAX_STEPS_BOUND = 100          # campaigns' default bound on an input's max_steps: no input makes an execution slow

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .crashes import crash_records, read_json
+from stepfuzz.fuzz.findings.store import crash_records, read_json
 
 
 def stats(crashes: Path) -> list[dict]:

@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .crashes import write_atomic
+from stepfuzz.fuzz.findings.store import write_atomic
 
 WRITE_EVERY_S = 2.0
 

@@ -5,7 +5,7 @@ depending on the encoding).
 """
 from __future__ import annotations
 
-from oracle.isa import B_SELF, NOP  # noqa: F401  (re-exported for the generator)
+from stepfuzz.oracle.isa import B_SELF, NOP  # noqa: F401  (re-exported for the generator)
 
 
 def _imm(value: int, bits: int) -> int:

@@ -5,66 +5,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from oracle.case import Case, CaseError, load_case
-from oracle.kvm.eras import ERAS, UnknownEra, select
+from stepfuzz.oracle.case import CaseError, load_case
+from stepfuzz.oracle.kvm.eras import ERAS
 
-EXIT_AGREE, EXIT_DIVERGED, EXIT_BAD = 0, 1, 2
-
-
-def fail(message: str) -> NoReturn:
-    print(f"stepfuzz: error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_BAD)
-
-
-def case_paths(args: list[str]) -> list[Path]:
-    """Files as given; directories expand to the *.json files below them."""
-    out: list[Path] = []
-    for a in args:
-        p = Path(a)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*.json") if q.is_file()))
-        else:
-            out.append(p)
-    return out
-
-
-def load_cases(args: list[str]) -> tuple[list[tuple[Path, Case]], int]:
-    """Load every case; report each bad one on one line.  Returns (cases, n_bad)."""
-    good, bad = [], 0
-    paths = case_paths(args)
-    if not paths:
-        fail(f"no case files in {' '.join(args)}")
-    for p in paths:
-        try:
-            good.append((p, load_case(p)))
-        except CaseError as e:
-            print(f"stepfuzz: {e}", file=sys.stderr)
-            bad += 1
-    return good, bad
-
-
-def existing_dirs(names: list[str], what: str) -> list[Path]:
-    """The directories named, or a one-line error for the first that is not one."""
-    for name in names:
-        if not Path(name).is_dir():
-            fail(f"{name}: no such {what} directory")
-    return [Path(name) for name in names]
-
-
-def eras_arg(spec: str):
-    try:
-        return select(spec)
-    except UnknownEra as e:
-        fail(str(e))
-
+from stepfuzz.fuzz.cli.common import (EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, eras_arg, existing_dirs, fail,
+                                      load_cases)
 
 # ---------------------------------------------------------------- commands
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from oracle.run import check
-    from .report import result_json, result_table
+    from stepfuzz.oracle.run import check
+    from stepfuzz.fuzz.findings.report import result_json, result_table
     eras = eras_arg(args.era)
     cases, bad = load_cases(args.cases)
     diverged = unexpected = 0
@@ -111,7 +63,7 @@ def cmd_case_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
-    from .campaign import Config, parse_duration, run
+    from stepfuzz.fuzz.campaign.supervisor import Config, parse_duration, run
     eras_arg(args.era)
     try:
         seconds = parse_duration(args.time) if args.time else None
@@ -127,14 +79,14 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import status
+    from stepfuzz.fuzz.campaign.status import status
     (d,) = existing_dirs([args.dir], "campaign")
     print(status(d))
     return EXIT_AGREE
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .status import plot
+    from stepfuzz.fuzz.campaign.status import plot
     d = Path(args.dir)
     if not (d / "stats.jsonl").exists():
         fail(f"{d}: no stats.jsonl (not a campaign's crash directory?)")
@@ -145,7 +97,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_rediscover(args: argparse.Namespace) -> int:
-    from .rediscover import table
+    from stepfuzz.fuzz.campaign.rediscover import table
     print(table(list(range(1, args.seeds + 1)), args.limit, log=lambda m: print(m, file=sys.stderr)))
     return EXIT_AGREE
 
@@ -154,9 +106,9 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     import time
     from dataclasses import replace
 
-    from .crashes import crash_records, read_json, write_atomic
-    from .minimize import NotDivergent, describe, minimize
-    from .report import readable
+    from stepfuzz.fuzz.findings.store import crash_records, read_json, write_atomic
+    from stepfuzz.fuzz.findings.minimize import NotDivergent, describe, minimize
+    from stepfuzz.fuzz.findings.report import readable
     target = Path(args.target)
     if args.era and len(eras_arg(args.era)) != 1:
         fail(f"--era {args.era}: name one era (a case is minimized for the divergence of one era)")
@@ -199,11 +151,11 @@ def cmd_minimize(args: argparse.Namespace) -> int:
 
 
 def cmd_triage(args: argparse.Namespace) -> int:
-    from .triage import collect, markdown, to_html
+    from stepfuzz.fuzz.findings.triage import collect, markdown, to_html
     (d,) = existing_dirs([args.dir], "crash")
     buckets = collect(d)
     if args.kernels:
-        from .kvmcmd import triage_on_kernels
+        from stepfuzz.fuzz.cli.kvm import triage_on_kernels
         triage_on_kernels(buckets, args.kernels.split(","))
     title = f"stepfuzz triage: {d}"
     if args.html:
@@ -213,7 +165,7 @@ def cmd_triage(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run, table
+    from stepfuzz.fuzz.campaign.bench import run, table
     try:
         result = run(seconds=args.campaign)
     except RuntimeError as e:
@@ -223,14 +175,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _write_c(out: Path, text: str, what: str) -> None:
-    from .crashes import write_atomic
+    from stepfuzz.fuzz.findings.store import write_atomic
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, text)
     print(f"{out}: {what}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import NotExportable, expectation, selftest, standalone
+    from stepfuzz.fuzz.findings.export import NotExportable, expectation, selftest, standalone
     if Path(args.case).is_dir():
         fail(f"{args.case}: export takes one case file (export-corpus takes a directory)")
     cases, bad = load_cases([args.case])
@@ -250,7 +202,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export_corpus(args: argparse.Namespace) -> int:
-    from .export import NotExportable, expectation, selftest, standalone
+    from stepfuzz.fuzz.findings.export import NotExportable, expectation, selftest, standalone
     cases, bad = load_cases([args.dir])
     keep = []
     for path, case in cases:
@@ -268,7 +220,7 @@ def cmd_export_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_corpus_merge(args: argparse.Namespace) -> int:
-    from .merge import corpus_merge
+    from stepfuzz.fuzz.campaign.merge import corpus_merge
     eras_arg(args.era)
     sources = existing_dirs(args.dirs, "corpus")
     try:
@@ -281,7 +233,7 @@ def cmd_corpus_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_crashes_merge(args: argparse.Namespace) -> int:
-    from .merge import crashes_merge
+    from stepfuzz.fuzz.campaign.merge import crashes_merge
     sources = existing_dirs(args.dirs, "crash")
     r = crashes_merge(sources, Path(args.output))
     print(f"{args.output}: {r['signatures']} signatures ({r['merged_duplicates']} found on more than one machine)")
@@ -299,7 +251,7 @@ def cmd_eras(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from .encoding import MAX_STEPS_BOUND
+    from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND
     p = argparse.ArgumentParser(prog="stepfuzz", description="Differential fuzzer for KVM/arm64 guest single-step.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -397,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eras", help="list the era models and the kernels they stand for")
     e.set_defaults(func=cmd_eras)
 
-    from . import kvmcmd
+    from stepfuzz.fuzz.cli import kvm as kvmcmd
     kvmcmd.register(sub)
     return p
 
