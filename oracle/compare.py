@@ -7,17 +7,16 @@ from functools import lru_cache
 
 from .guest import ExecLog
 from .trace import HSR_STEPPED, RefTrace, Stop, Trace
-TRAPS = ("mmio", "mmio-kernel", "dbgreg", "hvc", "stage2-fetch", "stage2-data")
+from .vocabulary import Completion, DivergenceKind, Trap, is_completion
+TRAPS = frozenset(Trap)
 HARMLESS = ("irq",)      # an interrupt taken while the step is active-not-pending
 
-ZERO_STEP, MULTI_STEP, SKIPPED, PC_MISMATCH = "zero-step", "multi-step", "skipped-instruction", "pc-mismatch"
-MISSING_STOP, EXTRA_STOP, OUTCOME, STATE = "missing-stop", "extra-stop", "outcome-mismatch", "state-mismatch"
 
 
 @dataclass(frozen=True)
 class Divergence:
     era: str
-    kind: str
+    kind: DivergenceKind
     stop: int                     # index of the first stop that differs (or the end)
     cause: str                    # what happened in that window: traps and events
     expected: Stop | None         # the reference's stop there
@@ -35,12 +34,12 @@ class Divergence:
 
     @property
     def title(self) -> str:
-        what = {ZERO_STEP: "a stop with no instruction stepped",
-                MULTI_STEP: f"{self.got.steps if self.got else '?'} instructions in one step",
-                SKIPPED: "an instruction skipped without running",
-                PC_MISMATCH: "a stop at the wrong PC",
-                MISSING_STOP: "a missing stop", EXTRA_STOP: "an extra stop",
-                OUTCOME: "a different run ending", STATE: "a different final guest state"}[self.kind]
+        what = {DivergenceKind.ZERO_STEP: "a stop with no instruction stepped",
+                DivergenceKind.MULTI_STEP: f"{self.got.steps if self.got else '?'} instructions in one step",
+                DivergenceKind.SKIPPED: "an instruction skipped without running",
+                DivergenceKind.PC_MISMATCH: "a stop at the wrong PC",
+                DivergenceKind.MISSING_STOP: "a missing stop", DivergenceKind.EXTRA_STOP: "an extra stop",
+                DivergenceKind.OUTCOME: "a different run ending", DivergenceKind.STATE: "a different final guest state"}[self.kind]
         return f"{self.era}: {what} after {self.cause.replace('+', ' + ')}"
 
     def to_json(self) -> dict:
@@ -70,19 +69,19 @@ def _cause(why: tuple[str, ...]) -> str:
     the next instruction's own traps: what came before, such as the stage-2
     fault that fetched the first instruction, played no part."""
     why = tuple(w for w in why if w not in HARMLESS)
-    marks = [i for i, w in enumerate(why) if w.startswith("|")]
+    marks = [i for i, w in enumerate(why) if is_completion(w)]
     if not marks:
         tokens = [w for w in why if w in TRAPS][-1:] or list(why[-1:])
     else:
         first = start = marks[0]
         tokens = []
-        if why[first] != "|native":
+        if why[first] != Completion.NATIVE:
             traps = [i for i in range(first) if why[i] in TRAPS]
             if traps:
                 start = traps[-1]
                 tokens = [why[start]]
         end = marks[1] if len(marks) > 1 else len(why)
-        tokens += [w for w in why[start + 1:end] if w not in TRAPS and not w.startswith("|")]
+        tokens += [w for w in why[start + 1:end] if w not in TRAPS and not is_completion(w)]
     return "+".join(sorted(set(tokens))) or "plain"
 
 
@@ -94,28 +93,29 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
         if got.steps == 1 and got.pc == pc:
             continue
         if first_skip is not None and first_skip <= i:
-            kind = SKIPPED
+            kind = DivergenceKind.SKIPPED
         elif got.steps == 0:
-            kind = ZERO_STEP
+            kind = DivergenceKind.ZERO_STEP
         elif got.steps >= 2:
-            kind = MULTI_STEP
+            kind = DivergenceKind.MULTI_STEP
         else:
-            kind = PC_MISMATCH
+            kind = DivergenceKind.PC_MISMATCH
         return Divergence(era, kind, i, _cause(got.why), Stop(pc, 1, HSR_STEPPED), got)
     n = min(len(ref.pcs), len(stops))
     if len(stops) != len(ref.pcs):
         if len(stops) > n:
             got = stops[n]
             # a surplus stop that stepped nothing (or several) is that bug, at the end of the run
-            kind = ZERO_STEP if got.steps == 0 else MULTI_STEP if got.steps > 1 else EXTRA_STOP
+            kind = (DivergenceKind.ZERO_STEP if got.steps == 0 else
+                    DivergenceKind.MULTI_STEP if got.steps > 1 else DivergenceKind.EXTRA_STOP)
             return Divergence(era, kind, n, _cause(got.why), None, got)
-        return Divergence(era, MISSING_STOP, n, _cause(model.tail_why + (model.outcome,)),
+        return Divergence(era, DivergenceKind.MISSING_STOP, n, _cause(model.tail_why + (model.outcome,)),
                           Stop(ref.pcs[n], 1, HSR_STEPPED), None, detail=model.detail)
     if model.outcome != ref.outcome:
-        return Divergence(era, OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
+        return Divergence(era, DivergenceKind.OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
                           detail=model.detail)
     if model.final_regs is not None and log is not None and model.final_regs != log.final_regs():
         diff = sorted(k for k, v in model.final_regs.items() if log.final_regs()[k] != v)
-        return Divergence(era, STATE, n, "skip" if model.skipped else "emulation", None, None,
+        return Divergence(era, DivergenceKind.STATE, n, "skip" if model.skipped else "emulation", None, None,
                           detail="registers differ: " + ", ".join(diff))
     return None

@@ -26,7 +26,8 @@ from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_INSNS, MAX_RAM, PAGE, Case
-from .isa import B_SELF, DBGREG, MASK64, MEM, STORE_EXCLUSIVE, address, decode
+from .isa import B_SELF, MASK64, InsnClass, address, decode
+from .vocabulary import Meets, Outcome
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM but the code pages
 ARENA_SIZE = MAX_RAM + 2 * PAGE
@@ -46,11 +47,6 @@ RW = ucc.UC_PROT_READ | ucc.UC_PROT_WRITE
 
 # Run endings.  `end` and `max-steps` are normal; the others stop the run at
 # an instruction both the reference and the models treat identically.
-END, MAX_STEPS = "end", "max-steps"
-GUEST_EXCEPTION = "guest-exception"   # the guest takes an exception to its own EL1 (UNDEF, ...)
-UNSUPPORTED_INSN = "unsupported"      # an instruction stepfuzz does not model
-NO_SYNDROME = "no-syndrome"           # MMIO access without a valid ISS: KVM_RUN fails, ENOSYS
-LEFT_CODE = "left-code"               # the guest branched outside its code
 
 # PSCI / SMCCC as KVM answers them (the runner pins PSCI to v1.0 so every
 # kernel answers alike).  Any other function id in these service ranges is
@@ -91,7 +87,7 @@ class Access:
 class Special:
     """What one dynamic instruction meets besides running natively."""
     faults: tuple[str, ...] = ()      # stage-2 faults before it completes: "fetch" / "data"
-    kind: str = "native"              # native | mmio | dbgreg | hvc | a run ending
+    kind: str = Meets.NATIVE          # a Meets, or the Outcome of a run ending
     access: Access | None = None
     detail: str = ""
 
@@ -102,7 +98,7 @@ class ExecLog:
     case: Case
     pcs: list[int]                    # pcs[i]: i-th instruction; pcs[n] = where the guest stopped
     specials: dict[int, Special]      # by dynamic index, including the index n of a run ending
-    outcome: str                      # END, MAX_STEPS or one of the run endings
+    outcome: str                      # an Outcome
     detail: str = ""
     redirects: tuple[tuple[int, int], ...] = ()
     _regs: dict[str, int] | None = field(default=None, repr=False)
@@ -320,11 +316,11 @@ class Machine:
         if not case.base <= addr < case.end:
             # A branch left the code (into the rest of a code page).  Stop
             # before this block runs; nothing in it counts.
-            self._ending(addr, LEFT_CODE, f"branched to {addr:#x}")
+            self._ending(addr, Outcome.LEFT_CODE, f"branched to {addr:#x}")
             uc.emu_stop()
             return
         if self.retired >= self.budget:
-            self._ending(addr, MAX_STEPS, "")
+            self._ending(addr, Outcome.MAX_STEPS, "")
             uc.emu_stop()
             return
         self.block_pc, self.block_retired = addr, self.retired
@@ -336,7 +332,7 @@ class Machine:
         the guest's values in a shadow (reset 0, stored verbatim)."""
         pc = self.regs[A.UC_ARM64_REG_PC]
         insn = decode(self._word(pc))
-        if insn.kind != DBGREG:
+        if insn.kind != InsnClass.DBGREG:
             return 0                       # an allowed native register
         if insn.write:
             self.dbgregs[insn.reg] = cp.val
@@ -344,7 +340,7 @@ class Machine:
             value = self.dbgregs.get(insn.reg, 0)
             if insn.rt != 31:
                 self.regs[X_REGS[insn.rt]] = value
-        self.specials[self._index(pc)] = Special(kind="dbgreg", detail=insn.reg)
+        self.specials[self._index(pc)] = Special(kind=Meets.DBGREG, detail=insn.reg)
         return 1                           # skip: emulated
 
     def _on_intr(self, uc: Uc, intno: int, _data) -> None:
@@ -357,13 +353,13 @@ class Machine:
             if result is not None:
                 for reg, value in zip(X_REGS[:4], (result, 0, 0, 0)):
                     self.regs[reg] = value     # SMCCC: results in x0-x3
-                self.specials[self._index(pc)] = Special(kind="hvc", detail=f"{func & 0xFFFFFFFF:#x}")
+                self.specials[self._index(pc)] = Special(kind=Meets.HVC, detail=f"{func & 0xFFFFFFFF:#x}")
                 return
             self._cut(pc)
-            self._ending(pc, UNSUPPORTED_INSN, f"hvc #{imm} with function {func & 0xFFFFFFFF:#x} is not modelled")
+            self._ending(pc, Outcome.UNSUPPORTED, f"hvc #{imm} with function {func & 0xFFFFFFFF:#x} is not modelled")
         elif self.outcome is None:
             self._cut(pc)
-            self._ending(pc, GUEST_EXCEPTION, f"exception {intno} at {pc:#x}")
+            self._ending(pc, Outcome.GUEST_EXCEPTION, f"exception {intno} at {pc:#x}")
         uc.emu_stop()
 
     # ------------------------------------------------------------ bookkeeping
@@ -420,7 +416,7 @@ class Machine:
         pc = case.base
         while self.outcome is None:
             if pc == case.end:
-                self._ending(pc, END, "")
+                self._ending(pc, Outcome.END, "")
                 break
             self.fault = None
             try:
@@ -435,7 +431,7 @@ class Machine:
                 pc = regs[A.UC_ARM64_REG_PC]
                 self._cut(pc)
                 if self.retired >= self.budget and pc != case.end:
-                    self._ending(pc, MAX_STEPS, "")
+                    self._ending(pc, Outcome.MAX_STEPS, "")
                     break
                 if pc != case.end:
                     pc = self._on_exit(pc)
@@ -446,28 +442,28 @@ class Machine:
     def _on_fault(self, pc: int, err: UcError) -> int:
         """Emulation stopped on a TLB refusal at `pc`: MMIO, or leaving guest memory."""
         if self.fault is None:
-            self._ending(pc, GUEST_EXCEPTION, f"{err} at {pc:#x}")
+            self._ending(pc, Outcome.GUEST_EXCEPTION, f"{err} at {pc:#x}")
             return pc
         addr, access = self.fault
         if access == FETCH:
-            self._ending(pc, LEFT_CODE, f"instruction fetch from {addr:#x}, which is not code")
+            self._ending(pc, Outcome.LEFT_CODE, f"instruction fetch from {addr:#x}, which is not code")
             return pc
         if access == WRITE and (addr & ~(PAGE - 1)) in self.code_pages:
-            self._ending(pc, UNSUPPORTED_INSN, f"store to {addr:#x}, a page that holds code")
+            self._ending(pc, Outcome.UNSUPPORTED, f"store to {addr:#x}, a page that holds code")
             return pc
         word = self._word(pc)
         insn = decode(word)
-        if insn.kind == MEM and insn.iss:
+        if insn.kind == InsnClass.MEM and insn.iss:
             # the TLB reports the page; KVM reports the address accessed
             addr = address(word, self._base_reg, pc)
         if addr >= IPA_LIMIT:
-            self._ending(pc, GUEST_EXCEPTION, f"access to {addr:#x}, beyond the guest physical space")
+            self._ending(pc, Outcome.GUEST_EXCEPTION, f"access to {addr:#x}, beyond the guest physical space")
             return pc
-        if insn.kind != MEM:
-            self._ending(pc, UNSUPPORTED_INSN, f"non load/store access to {addr:#x}")
+        if insn.kind != InsnClass.MEM:
+            self._ending(pc, Outcome.UNSUPPORTED, f"non load/store access to {addr:#x}")
             return pc
         if not insn.iss:
-            self._ending(pc, NO_SYNDROME, f"MMIO access to {addr:#x} without a valid syndrome")
+            self._ending(pc, Outcome.NO_SYNDROME, f"MMIO access to {addr:#x} without a valid syndrome")
             return pc
         kernel = any(b <= addr < e and k for b, e, k in self.devices)
         regs = self.regs
@@ -486,19 +482,19 @@ class Machine:
                 loaded &= 0xFFFFFFFF
             if insn.rt != 31:
                 regs[X_REGS[insn.rt]] = loaded
-        return self._complete(pc, Special(kind="mmio", access=Access(kernel, insn.write, addr, insn.size, value)))
+        return self._complete(pc, Special(kind=Meets.MMIO, access=Access(kernel, insn.write, addr, insn.size, value)))
 
     def _on_exit(self, pc: int) -> int:
         """Emulation stopped before an instruction that cannot run natively."""
         insn = decode(self._word(pc))
-        if insn.kind == STORE_EXCLUSIVE:
+        if insn.kind == InsnClass.STORE_EXCLUSIVE:
             # Every stepped instruction follows an exception return, which
             # clears the exclusive monitor: a store-exclusive always fails,
             # without accessing memory (as QEMU implements it).
             if insn.rs != 31:
                 self.regs[X_REGS[insn.rs]] = 1
             return self._complete(pc, None)
-        self._ending(pc, UNSUPPORTED_INSN, f"{insn.reason} is not modelled")
+        self._ending(pc, Outcome.UNSUPPORTED, f"{insn.reason} is not modelled")
         return pc
 
     def _base_reg(self, n: int) -> int:
@@ -521,9 +517,9 @@ class Machine:
             if index <= n:         # (a fault of a block that never ran is not one)
                 old = specials.get(index, Special())
                 specials[index] = Special(tuple(kinds), old.kind, old.access, old.detail)
-        if self.outcome not in (END, MAX_STEPS):
+        if self.outcome not in (Outcome.END, Outcome.MAX_STEPS):
             specials[n] = Special(specials.get(n, Special()).faults, self.outcome, detail=self.detail)
-        log = ExecLog(case, pcs, specials, self.outcome or END, self.detail, redirects)
+        log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, redirects)
         if want_regs:
             log._regs = {name: self.regs[rid] for name, rid in REG_IDS.items()}
         return log

@@ -9,9 +9,20 @@ path (results are cached per word); capstone is used only for text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from functools import lru_cache
 
-PLAIN, MEM, DBGREG, HVC, STORE_EXCLUSIVE, UNSUPPORTED = range(6)
+
+class InsnClass(IntEnum):
+    """What an instruction is to the hypervisor."""
+    PLAIN = 0             # runs natively, never exits
+    MEM = 1               # a load or store (a data abort if it reaches MMIO)
+    DBGREG = 2            # a debug register access, trapped while KVM debugs the guest
+    HVC = 3
+    STORE_EXCLUSIVE = 4   # always fails under stepping
+    UNSUPPORTED = 5       # not modelled
+
+
 MASK64 = (1 << 64) - 1
 NOP = 0xD503201F
 B_SELF = 0x14000000               # `b .`
@@ -19,7 +30,7 @@ B_SELF = 0x14000000               # `b .`
 
 @dataclass(frozen=True, slots=True)
 class Insn:
-    kind: int                 # PLAIN, MEM, DBGREG, HVC, STORE_EXCLUSIVE or UNSUPPORTED
+    kind: InsnClass
     # MEM: the data-abort syndrome fields (valid only when iss is True)
     iss: bool = False         # would a data abort carry a valid ISS (single GPR, no writeback)?
     write: bool = False
@@ -38,10 +49,10 @@ class Insn:
     stops: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stops", self.kind in (STORE_EXCLUSIVE, UNSUPPORTED))
+        object.__setattr__(self, "stops", self.kind in (InsnClass.STORE_EXCLUSIVE, InsnClass.UNSUPPORTED))
 
 
-_PLAIN = Insn(PLAIN)
+_PLAIN = Insn(InsnClass.PLAIN)
 
 # op0=3 system registers that never trap to KVM and behave alike in Unicorn
 # and on a real CPU: (op1, CRn, CRm, op2) -> name, and whether writes are fine.
@@ -61,7 +72,7 @@ DEBUG_REG_COUNT = 4           # breakpoints/watchpoints both Unicorn and QEMU's 
 
 
 def unsupported(reason: str) -> Insn:
-    return Insn(UNSUPPORTED, reason=reason)
+    return Insn(InsnClass.UNSUPPORTED, reason=reason)
 
 
 # A fresh vCPU has CPACR_EL1.FPEN = 0, so FP/SIMD traps to the guest's own
@@ -98,7 +109,7 @@ def _load_store(w: int) -> Insn:
             or (w & 0x3B200C00) == 0x38200000 or (w & 0x3B200400) == 0x38200400):
         return unsupported("Armv8.1+ atomic or pointer-authenticated load")
     if (w & 0x3FC00000) == 0x08000000:            # STXR, STLXR, STXP, STLXP
-        return Insn(STORE_EXCLUSIVE, write=True, size=1 << size, rt=w & 31, rs=(w >> 16) & 31)
+        return Insn(InsnClass.STORE_EXCLUSIVE, write=True, size=1 << size, rt=w & 31, rs=(w >> 16) & 31)
     if (w & 0x3B000000) == 0x39000000 or (
             (w & 0x3B200000) == 0x38000000 and ((w >> 10) & 3) in (0, 2)) or (
             (w & 0x3B200C00) == 0x38200800):
@@ -109,14 +120,14 @@ def _load_store(w: int) -> Insn:
         opc = size
         if opc == 3:
             return _PLAIN                          # PRFM (literal): no access
-        return Insn(MEM, iss=True, size=4 << (opc & 1) if opc < 2 else 4, rt=w & 31,
+        return Insn(InsnClass.MEM, iss=True, size=4 << (opc & 1) if opc < 2 else 4, rt=w & 31,
                     signed=opc == 2, sf=opc != 0)
     if (w & 0x3FA00000) == 0x08800000:            # load-acquire / store-release, single register
         write = not (w >> 22) & 1
-        return Insn(MEM, iss=True, write=write, size=1 << size, rt=w & 31, sf=size == 3)
+        return Insn(InsnClass.MEM, iss=True, write=write, size=1 << size, rt=w & 31, sf=size == 3)
     load_excl = (w & 0x3FC00000) == 0x08400000
     write = False if load_excl else _guess_write(w)
-    return Insn(MEM, iss=False, write=write, size=1 << size, rt=w & 31, load_exclusive=load_excl)
+    return Insn(InsnClass.MEM, iss=False, write=write, size=1 << size, rt=w & 31, load_exclusive=load_excl)
 
 
 def _single(w: int, size: int, opc: int) -> Insn:
@@ -124,16 +135,16 @@ def _single(w: int, size: int, opc: int) -> Insn:
     nbytes = 1 << size
     rt = w & 31
     if opc == 0:
-        return Insn(MEM, iss=True, write=True, size=nbytes, rt=rt, sf=size == 3)
+        return Insn(InsnClass.MEM, iss=True, write=True, size=nbytes, rt=rt, sf=size == 3)
     if opc == 1:
-        return Insn(MEM, iss=True, size=nbytes, rt=rt, sf=size == 3)
+        return Insn(InsnClass.MEM, iss=True, size=nbytes, rt=rt, sf=size == 3)
     if opc == 2:
         if size == 3:
             return _PLAIN                          # PRFM / PRFUM: a hint, no access
-        return Insn(MEM, iss=True, size=nbytes, rt=rt, signed=True, sf=True)
+        return Insn(InsnClass.MEM, iss=True, size=nbytes, rt=rt, signed=True, sf=True)
     if size >= 2:
         return unsupported("unallocated load/store encoding")
-    return Insn(MEM, iss=True, size=nbytes, rt=rt, signed=True, sf=False)
+    return Insn(InsnClass.MEM, iss=True, size=nbytes, rt=rt, signed=True, sf=False)
 
 
 def _guess_write(w: int) -> bool:
@@ -147,7 +158,7 @@ def _guess_write(w: int) -> bool:
 def _exception(w: int) -> Insn:
     opc, ll = (w >> 21) & 7, w & 3
     if (opc, ll) == (0, 2):
-        return Insn(HVC, imm=(w >> 5) & 0xFFFF)
+        return Insn(InsnClass.HVC, imm=(w >> 5) & 0xFFFF)
     name = {(0, 1): "svc", (0, 3): "smc", (1, 0): "brk", (2, 0): "hlt"}.get((opc, ll), "dcps")
     return unsupported(name)
 
@@ -173,9 +184,9 @@ def _system(w: int) -> Insn:
         return unsupported("cache or TLB maintenance")
     if op0 == 2:
         if op1 == 0 and crn == 0 and op2 in DEBUG_REG_KINDS and crm < DEBUG_REG_COUNT:
-            return Insn(DBGREG, write=not read, rt=rt, reg=f"{DEBUG_REG_KINDS[op2]}{crm}_el1")
+            return Insn(InsnClass.DBGREG, write=not read, rt=rt, reg=f"{DEBUG_REG_KINDS[op2]}{crm}_el1")
         if (op1, crn, crm, op2) == (0, 0, 2, 2):
-            return Insn(DBGREG, write=not read, rt=rt, reg="mdscr_el1")
+            return Insn(InsnClass.DBGREG, write=not read, rt=rt, reg="mdscr_el1")
         return unsupported("debug system register")
     native = NATIVE_SYSREGS.get((op1, crn, crm, op2))
     if native and (read or native[1]):

@@ -1,7 +1,8 @@
 """The reference: an ideal single-stepper, one stop after every completed instruction."""
 from __future__ import annotations
 
-from .guest import END, MAX_STEPS, ExecLog
+from .guest import ExecLog
+from .vocabulary import Outcome
 from .trace import RefTrace
 
 
@@ -13,6 +14,6 @@ def reference(log: ExecLog) -> RefTrace:
     """
     limit = log.case.max_steps
     # the bound wins over whatever comes after it, as in the models
-    if log.n > limit or (log.n == limit and log.outcome != END):
-        return RefTrace(log.pcs[1:limit + 1], MAX_STEPS)
+    if log.n > limit or (log.n == limit and log.outcome != Outcome.END):
+        return RefTrace(log.pcs[1:limit + 1], Outcome.MAX_STEPS)
     return RefTrace(log.pcs[1:], log.outcome, log.detail)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .vocabulary import ExitKind, is_completion
+
 # Syndromes KVM reports in kvm_run.debug.arch.hsr for a step
 EC_SOFTSTP_LOW = 0x32
 HSR_STEPPED = (EC_SOFTSTP_LOW << 26) | (1 << 25) | (1 << 24) | 0x22   # ISV=1: an instruction was stepped
@@ -18,22 +20,18 @@ HSR_FAKED = EC_SOFTSTP_LOW << 26                                        # what 4
 
 class Exit(NamedTuple):
     """A KVM_RUN return that is not a stop."""
-    kind: str                 # "mmio" | "eintr" | "error"
+    kind: ExitKind
     detail: str = ""
-
-
-# Markers in Stop.why: where an instruction completed, and how
-DONE_NATIVE, DONE_EMULATED, DONE_HVC = "|native", "|emulated", "|hvc"
 
 
 def events_only(why: tuple[str, ...]) -> tuple[str, ...]:
     """`why` without completion markers, for people."""
-    return tuple(w for w in why if not w.startswith("|"))
+    return tuple(w for w in why if not is_completion(w))
 
 
 def mmio_exit(write: bool, size: int, addr: int, data: int) -> "Exit":
     """A KVM_EXIT_MMIO as traces show it, model and real alike."""
-    return Exit("mmio", f"{'write' if write else 'read'} {size} bytes at {addr:#x}: {data:#x}")
+    return Exit(ExitKind.MMIO, f"{'write' if write else 'read'} {size} bytes at {addr:#x}: {data:#x}")
 
 
 def numbered_exits(stops: "list[Stop]", tail: "tuple[Exit, ...]") -> "list[tuple[int, Exit]]":
@@ -46,7 +44,7 @@ class Stop(NamedTuple):
     steps: int                # instructions completed since the previous stop
     hsr: int                  # the syndrome KVM reported
     exits: tuple[Exit, ...] = ()   # non-stop KVM_RUN returns since the previous stop
-    why: tuple[str, ...] = ()      # traps, events and completions in between, in order
+    why: tuple[str, ...] = ()      # traps, events and Completions in between, in order
 
     @property
     def isv(self) -> int:
@@ -57,7 +55,7 @@ class Stop(NamedTuple):
 class Trace:
     """A model's (or a real kernel's) run of one case."""
     stops: list[Stop]
-    outcome: str              # how the run ended (guest.END, guest.MAX_STEPS, ...)
+    outcome: str              # how the run ended: an Outcome
     detail: str = ""
     tail: tuple[Exit, ...] = ()        # exits after the last stop
     tail_why: tuple[str, ...] = ()     # what happened after the last stop

@@ -3,8 +3,8 @@ import pytest
 
 from conftest import CODE, DATA, MMIO, make
 from stepfuzz.oracle.case import parse_case
-from stepfuzz.oracle.guest import (CODE_SLOTS, END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, NOT_SUPPORTED,
-                          UNSUPPORTED_INSN, execute, hvc_result)
+from stepfuzz.oracle.guest import CODE_SLOTS, NOT_SUPPORTED, execute, hvc_result
+from stepfuzz.oracle.vocabulary import Outcome
 
 GICD = {"base": "0x8000000", "size": "0x10000", "kind": "mmio-kernel"}
 
@@ -15,7 +15,7 @@ def run(asm, regs=None, memory=(CODE,), **extra):
 
 def test_plain_program_completes_every_instruction():
     log = run("mov x0, #3\nloop:\nsub x0, x0, #1\ncbnz x0, loop\nnop")
-    assert log.outcome == END and log.n == 8
+    assert log.outcome == Outcome.END and log.n == 8
     assert log.pcs[-1] == 0x10010 and not log.specials
     assert log.final_regs()["x0"] == 0
 
@@ -89,33 +89,33 @@ def test_psci_and_smccc_results_zero_x1_to_x3():
 
 def test_store_exclusive_always_fails_under_single_step():
     log = run("ldxr x1, [x9]\nstxr w2, x1, [x9]", {"x9": "0x40000"}, (CODE, {**DATA, "prefault": True}))
-    assert log.outcome == END and log.final_regs()["x2"] == 1
+    assert log.outcome == Outcome.END and log.final_regs()["x2"] == 1
 
 
 @pytest.mark.parametrize("asm, regs, memory, outcome", [
-    ("nop\nldp x1, x3, [x2]", {"x2": "0x20000000"}, (CODE, MMIO), NO_SYNDROME),
-    ("nop\nldr x1, [x2], #8", {"x2": "0x20000000"}, (CODE, MMIO), NO_SYNDROME),
-    ("nop\nwfi", None, (CODE,), UNSUPPORTED_INSN),
-    ("nop\nsvc #0", None, (CODE,), UNSUPPORTED_INSN),
-    ("nop\nmrs x0, cntvct_el0", None, (CODE,), UNSUPPORTED_INSN),
-    ("nop\nmovz x0, #0x8400, lsl #16\nmovk x0, #8\nhvc #0", None, (CODE,), UNSUPPORTED_INSN),
-    ("nop\nhvc #1", None, (CODE,), UNSUPPORTED_INSN),
-    ("nop\n.inst 0x00000000", None, (CODE,), GUEST_EXCEPTION),
-    ("nop\nfmov d0, #1.0", None, (CODE,), UNSUPPORTED_INSN),
-    ("nop\nbr x5", {"x5": "0x40000"}, (CODE, DATA), LEFT_CODE),
-    ("nop\nbr x5", {"x5": "0x10100"}, (CODE,), LEFT_CODE),
-    ("nop\nstr x1, [x5]", {"x5": "0x10004"}, (CODE,), UNSUPPORTED_INSN),
+    ("nop\nldp x1, x3, [x2]", {"x2": "0x20000000"}, (CODE, MMIO), Outcome.NO_SYNDROME),
+    ("nop\nldr x1, [x2], #8", {"x2": "0x20000000"}, (CODE, MMIO), Outcome.NO_SYNDROME),
+    ("nop\nwfi", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\nsvc #0", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\nmrs x0, cntvct_el0", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\nmovz x0, #0x8400, lsl #16\nmovk x0, #8\nhvc #0", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\nhvc #1", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\n.inst 0x00000000", None, (CODE,), Outcome.GUEST_EXCEPTION),
+    ("nop\nfmov d0, #1.0", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\nbr x5", {"x5": "0x40000"}, (CODE, DATA), Outcome.LEFT_CODE),
+    ("nop\nbr x5", {"x5": "0x10100"}, (CODE,), Outcome.LEFT_CODE),
+    ("nop\nstr x1, [x5]", {"x5": "0x10004"}, (CODE,), Outcome.UNSUPPORTED),
 ])
 def test_run_endings_stop_at_the_instruction(asm, regs, memory, outcome):
     log = run(asm, regs, memory)
     assert log.outcome == outcome, log.detail
-    assert log.n == len(asm.split("\n")) - 1 or outcome == LEFT_CODE
+    assert log.n == len(asm.split("\n")) - 1 or outcome == Outcome.LEFT_CODE
     assert log.specials[log.n].kind == outcome and log.detail
 
 
 def test_max_steps_bounds_a_guest_that_never_ends():
     log = run("self:\nb self", max_steps=25)
-    assert log.outcome == MAX_STEPS and log.n >= 25
+    assert log.outcome == Outcome.MAX_STEPS and log.n >= 25
 
 
 def test_same_case_same_log_whatever_ran_before():
@@ -140,7 +140,7 @@ def test_new_code_at_the_same_address_never_runs_old_translations():
     for i in range(2 * CODE_SLOTS + 3):
         k = i % 3
         log = execute(programs[k])
-        assert (log.outcome, log.n, log.final_regs()["x0"]) == (END, k + 3, 11 * k + 1), i
+        assert (log.outcome, log.n, log.final_regs()["x0"]) == (Outcome.END, k + 3, 11 * k + 1), i
 
 
 def test_redirect_continues_on_another_path():

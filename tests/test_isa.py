@@ -3,7 +3,7 @@ import random
 
 from capstone import CS_ARCH_ARM64, CS_MODE_ARM, Cs
 
-from stepfuzz.oracle.isa import DBGREG, HVC, MEM, PLAIN, STORE_EXCLUSIVE, UNSUPPORTED, decode
+from stepfuzz.oracle.isa import InsnClass, decode
 
 CS = Cs(CS_ARCH_ARM64, CS_MODE_ARM)
 SINGLE = {"ldr", "ldrb", "ldrh", "ldrsb", "ldrsh", "ldrsw", "ldur", "ldurb", "ldurh", "ldursb", "ldursh",
@@ -24,7 +24,7 @@ def test_valid_syndrome_only_for_single_register_forms_without_writeback():
     for _ in range(30000):
         w = (rnd.getrandbits(32) & ~0x0A000000) | 0x08000000      # load/store encoding space
         insn, (mn, ops) = decode(w), text(w)
-        if mn is None or insn.kind != MEM:
+        if mn is None or insn.kind != InsnClass.MEM:
             continue
         checked += 1
         if insn.iss:
@@ -40,9 +40,9 @@ def test_valid_syndrome_only_for_single_register_forms_without_writeback():
 
 
 def test_classes_named_by_capstone():
-    cases = {0xD4000002: (HVC, "hvc"), 0xD5300080 | 3: (DBGREG, "mrs"), 0xD503201F: (PLAIN, "nop"),
-             0xD503207F: (UNSUPPORTED, "wfi"), 0xC8027C20: (STORE_EXCLUSIVE, "stxr"),
-             0xD69F03E0: (UNSUPPORTED, "eret"), 0xD4000001: (UNSUPPORTED, "svc")}
+    cases = {0xD4000002: (InsnClass.HVC, "hvc"), 0xD5300080 | 3: (InsnClass.DBGREG, "mrs"), 0xD503201F: (InsnClass.PLAIN, "nop"),
+             0xD503207F: (InsnClass.UNSUPPORTED, "wfi"), 0xC8027C20: (InsnClass.STORE_EXCLUSIVE, "stxr"),
+             0xD69F03E0: (InsnClass.UNSUPPORTED, "eret"), 0xD4000001: (InsnClass.UNSUPPORTED, "svc")}
     for w, (kind, mnemonic) in cases.items():
         assert decode(w).kind == kind and text(w)[0] == mnemonic, hex(w)
     assert decode(0xD5300080 | 3).reg == "dbgbvr0_el1" and "dbgbvr0_el1" in text(0xD5300080 | 3)[1]

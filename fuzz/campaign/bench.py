@@ -33,11 +33,12 @@ from pathlib import Path
 from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 
 from stepfuzz.oracle.case import Case
-from stepfuzz.oracle.guest import END, REG_IDS, _Regs, execute, forget_code, program_bytes
-from stepfuzz.oracle.isa import DBGREG, HVC, decode
+from stepfuzz.oracle.guest import REG_IDS, _Regs, execute, forget_code, program_bytes
+from stepfuzz.oracle.isa import InsnClass, decode
 from stepfuzz.oracle.kvm.eras import ERAS, select
 from stepfuzz.oracle.reference import reference
 from stepfuzz.oracle.run import check
+from stepfuzz.oracle.vocabulary import Outcome
 
 from stepfuzz.fuzz.inputs import generate as G
 from stepfuzz.fuzz.campaign.supervisor import STEPFUZZ_COMMAND
@@ -69,7 +70,7 @@ def bench_cases(n_insns: int, count: int, seed: int) -> list[Case]:
                 snippet = G.alu(rnd)          # no branch may leave the program
             words += snippet
         case = replace(G.generate(rnd, cfg), words=tuple(words), events=G.events(rnd, len(words), cfg))
-        if execute(case).outcome == END:       # not cut short (an access with no syndrome ends a run)
+        if execute(case).outcome == Outcome.END:       # not cut short (an access with no syndrome ends a run)
             out.append(case)
     return out
 
@@ -84,7 +85,7 @@ class Raw:
             self.uc.mem_map(r.base, r.size)
         self.ctx = self.uc.context_save()
         # the words, with the NOPs in, prepared before any timing
-        self.code = {id(c): program_bytes(replace(c, words=tuple(G.I.NOP if decode(w).kind in (HVC, DBGREG) else w
+        self.code = {id(c): program_bytes(replace(c, words=tuple(G.I.NOP if decode(w).kind in (InsnClass.HVC, InsnClass.DBGREG) else w
                                                                    for w in c.words)))
                      for c in cases}
 

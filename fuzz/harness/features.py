@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 
 from stepfuzz.oracle.run import Result
-from stepfuzz.oracle.trace import DONE_NATIVE
+from stepfuzz.oracle.vocabulary import Completion
 
 DEPTH = 10
 SPLIT = 5          # 2**SPLIT small trees of depth DEPTH - SPLIT: cheap to instrument
@@ -45,7 +45,7 @@ def bucket(h: int) -> int:
 
 
 _KEYS: dict[tuple, int] = {}
-PLAIN = (DONE_NATIVE,)     # an ordinary stop: nothing to learn from it
+PLAIN = (Completion.NATIVE,)     # an ordinary stop: nothing to learn from it
 
 
 def _new_key(k: tuple[str, tuple[str, ...], int, int]) -> int:

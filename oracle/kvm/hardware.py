@@ -21,18 +21,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..case import Case
-from ..guest import END, MAX_STEPS, ExecLog, Special, execute
-from ..trace import DONE_EMULATED, DONE_HVC, DONE_NATIVE, HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED
-from ..guest import Access
+from ..guest import Access, ExecLog, Special, execute
+from ..trace import HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED
+from ..vocabulary import Completion, HwExitKind, Meets, Outcome, Trap
 
-SOFTSTEP, IRQ, STAGE2, DBGREG, MMIO, HVC, NO_SYNDROME, ENDING = (
-    "softstep", "irq", "stage2", "dbgreg", "mmio", "hvc", "no-syndrome", "ending")
 _NATIVE = Special()
 
 
 class HwExit(NamedTuple):
     """An exception taken to EL2 (or the end of what the guest can do)."""
-    kind: str
+    kind: HwExitKind
     index: int = -1               # the dynamic instruction that caused it (-1: none)
     hsr: int = 0                  # SOFTSTEP: the syndrome
     access: Access | None = None  # MMIO
@@ -41,7 +39,7 @@ class HwExit(NamedTuple):
 
 def _step_exit(index: int, hsr: int) -> HwExit:
     # the commonest exit, built without NamedTuple's Python-level __new__
-    return tuple.__new__(HwExit, (SOFTSTEP, index, hsr, None, ""))
+    return tuple.__new__(HwExit, (HwExitKind.SOFTSTEP, index, hsr, None, ""))
 
 
 class GuestHw:
@@ -58,14 +56,12 @@ class GuestHw:
         self.irq_before = set(irq_before)   # host interrupts before / after an instruction,
         self.irq_after = irq_after          # by dynamic index (from the case's events)
         self.skipped: list[int] = []  # PCs skipped without running
-        self.entry_pc = self.pc
         self.why: list[str] = []      # events seen since the last stop (for signatures)
 
     # ------------------------------------------------------------ entry
 
     def run(self) -> HwExit:
         """ERET into the guest; return the next exception to EL2."""
-        self.entry_pc = self.pc
         if self.irq_armed:
             # A pending host interrupt is taken first (QEMU and real CPUs may
             # order it against a pending step exception either way; the
@@ -82,26 +78,26 @@ class GuestHw:
         attempt = self.attempts
         self.attempts += 1
         if attempt < len(special.faults):
-            return HwExit(STAGE2, idx, detail=special.faults[attempt])
+            return HwExit(HwExitKind.STAGE2, idx, detail=special.faults[attempt])
         kind = special.kind
-        if kind == "native":
-            self._retire(DONE_NATIVE)
+        if kind == Meets.NATIVE:
+            self._retire(Completion.NATIVE)
             self.ss = False
             if self.irq_armed:
                 return self._irq(idx)
             return _step_exit(idx, HSR_STEPPED | HSR_EX if log.pcs[idx] in log.load_exclusive_pcs else HSR_STEPPED)
-        if kind == "hvc":
-            self.why.append("hvc")
-            self._retire(DONE_HVC)    # HVC's preferred return is the next instruction
+        if kind == Meets.HVC:
+            self.why.append(Trap.HVC)
+            self._retire(Completion.HVC)    # HVC's preferred return is the next instruction
             self.ss = False           # and it completes the step
-            return HwExit(HVC, idx)
-        if kind == "dbgreg":
-            return HwExit(DBGREG, idx)
-        if kind == "mmio":
-            return HwExit(MMIO, idx, access=special.access)
-        if kind == NO_SYNDROME:
-            return HwExit(NO_SYNDROME, idx, detail=special.detail)
-        return HwExit(ENDING, idx, detail=kind)
+            return HwExit(HwExitKind.HVC, idx)
+        if kind == Meets.DBGREG:
+            return HwExit(HwExitKind.DBGREG, idx)
+        if kind == Meets.MMIO:
+            return HwExit(HwExitKind.MMIO, idx, access=special.access)
+        if kind == Outcome.NO_SYNDROME:
+            return HwExit(HwExitKind.NO_SYNDROME, idx, detail=special.detail)
+        return HwExit(HwExitKind.ENDING, idx, detail=kind)
 
     def _irq(self, idx: int = -1) -> HwExit:
         # Named by the state it interrupts: taken while the step is still
@@ -109,16 +105,16 @@ class GuestHw:
         # active-pending (SS = 0) the kernel must not lose that state.
         self.irq_armed = False
         self.why.append("irq-pending" if not self.ss else "irq")
-        return HwExit(IRQ, idx)
+        return HwExit(HwExitKind.IRQ, idx)
 
     def _special_past_code(self, idx: int) -> Special:
         """What instruction `idx` >= log.n meets: the run's ending."""
         log = self.log
-        if idx == log.n and log.outcome == END:
+        if idx == log.n and log.outcome == Outcome.END:
             return _NATIVE            # the `b .` after the code
-        if idx == log.n and log.outcome != MAX_STEPS:
+        if idx == log.n and log.outcome != Outcome.MAX_STEPS:
             return log.specials[idx]
-        return Special(kind=MAX_STEPS)
+        return Special(kind=Outcome.MAX_STEPS)
 
     def _retire(self, how: str) -> None:
         idx = self.idx
@@ -135,7 +131,7 @@ class GuestHw:
     def complete(self) -> None:
         """KVM emulated the trapped instruction at PC (its effects are the log's)."""
         self.retired += 1
-        self.why.append(DONE_EMULATED)
+        self.why.append(Completion.EMULATED)
         self.completed = True
         if self.idx in self.irq_after:
             self.irq_armed = True

@@ -8,15 +8,14 @@ from __future__ import annotations
 import bisect
 import itertools
 
-from ..guest import END, MAX_STEPS, ExecLog
-from ..trace import DONE_NATIVE, HSR_STEPPED, Exit, Stop, Trace, mmio_exit
+from ..guest import ExecLog
+from ..trace import HSR_STEPPED, Exit, Stop, Trace, mmio_exit
+from ..vocabulary import Completion, ExitKind, Outcome, RunResult
 from .eras import Era
 from .hardware import GuestHw
-from .kernel import EINTR, ENOSYS, EXIT_DEBUG, EXIT_MMIO, GUEST_ENDED, Kvm
+from .kernel import Kvm
 
-STUCK = "stuck"           # the model made no progress for too long (never expected)
-DIVERGED = "diverged"     # stopped at its first stop that differs from the reference (on request)
-PLAIN_WHY = (DONE_NATIVE,)
+PLAIN_WHY = (Completion.NATIVE,)
 _new_stop = tuple.__new__   # builds a Stop in C (NamedTuple's own __new__ is Python code)
 
 # Model states (per era) from which one plain instruction -- no trap, no
@@ -93,7 +92,7 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
     n_mmio = 0
     next_run: list[str] = []
     budget = 8 * case.max_steps + 64
-    outcome, detail = STUCK, "no progress"
+    outcome, detail = Outcome.STUCK, "no progress"
     run_end = shared.run_end
     for _ in range(budget):
         idx = hw.idx
@@ -116,7 +115,7 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
             ret = kvm.ioctl_run()
         while len(skipped) < len(hw.skipped):
             skipped.append((len(stops), hw.skipped[len(skipped)]))
-        if ret == EXIT_DEBUG:
+        if ret == RunResult.DEBUG:
             stop = _new_stop(Stop, (hw.pc, hw.retired - last_retired, kvm.hsr, tuple(exits), tuple(hw.why)))
             stops.append(stop)
             if (before is not None and stop.hsr == HSR_STEPPED and stop.why == PLAIN_WHY and not stop.exits
@@ -127,37 +126,37 @@ def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Tra
                 if stop.steps != 1 or i >= len(stop_at) or stop.pc != stop_at[i]:
                     while len(skipped) < len(hw.skipped):
                         skipped.append((len(stops) - 1, hw.skipped[len(skipped)]))
-                    outcome, detail = DIVERGED, ""
+                    outcome, detail = Outcome.DIVERGED, ""
                     exits, hw.why = [], []        # they belong to this stop, not to a tail
                     break
             last_retired = hw.retired
             exits, hw.why = [], []
             next_run = after_stop.get(len(stops), [])
             if hw.pc == case.end:
-                outcome, detail = END, ""
+                outcome, detail = Outcome.END, ""
                 break
             if hw.retired >= case.max_steps:
-                outcome, detail = MAX_STEPS, ""
+                outcome, detail = Outcome.MAX_STEPS, ""
                 break
-        elif ret == EXIT_MMIO:
+        elif ret == RunResult.MMIO:
             n_mmio += 1
             a = kvm.mmio_access
             exits.append(mmio_exit(a.write, a.size, a.addr, a.value))
             next_run = after_mmio.get(n_mmio, [])
-        elif ret == EINTR:
-            exits.append(Exit("eintr"))
-        elif ret == ENOSYS:
-            exits.append(Exit("error", "KVM_RUN: ENOSYS"))
-            outcome, detail = "no-syndrome", kvm.ending
+        elif ret == RunResult.EINTR:
+            exits.append(Exit(ExitKind.EINTR))
+        elif ret == RunResult.ENOSYS:
+            exits.append(Exit(ExitKind.ERROR, "KVM_RUN: ENOSYS"))
+            outcome, detail = Outcome.NO_SYNDROME, kvm.ending
             break
         else:
-            assert ret == GUEST_ENDED, ret
+            assert ret == RunResult.GUEST_ENDED, ret
             outcome, detail = kvm.ending, hw.log.detail
             break
     trace = Trace(stops, outcome, detail, tuple(exits), tuple(hw.why), skipped)
     if stop_at is not None:       # every stop was checked on arrival (fast-forwarded ones are ideal)
-        trace.agreed = len(stops) - 1 if outcome == DIVERGED else len(stops)
-    if hw.log is not log and outcome != DIVERGED:
+        trace.agreed = len(stops) - 1 if outcome == Outcome.DIVERGED else len(stops)
+    if hw.log is not log and outcome != Outcome.DIVERGED:
         trace.final_regs = hw.log.final_regs()
     return trace
 

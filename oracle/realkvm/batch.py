@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass, field
 
 from ..case import Case
-from ..guest import END, GUEST_EXCEPTION, LEFT_CODE, MAX_STEPS, NO_SYNDROME, UNSUPPORTED_INSN, ExecLog
+from ..guest import ExecLog
 from ..trace import Exit, Stop, Trace, mmio_exit, numbered_exits
+from ..vocabulary import ExitKind, Outcome
 
 CASE_TIMEOUT_BASE_MS = 5000     # per case: setup, prefault and slack under nested TCG
 CASE_TIMEOUT_PER_STEP_MS = 4    # plus this per allowed step
@@ -22,7 +23,7 @@ KVM_EXITS = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 5: "HLT", 8:
              9: "FAIL_ENTRY", 17: "INTERNAL_ERROR", 24: "SYSTEM_EVENT", 28: "ARM_NISV"}
 
 # Endings of a real trace that are not results of the kernel under test.
-NOT_REPRODUCIBLE, NOT_COMPARABLE, UNSUPPORTED = "not-reproducible", "not-comparable", "unsupported-by-runner"
+NOT_REPRODUCIBLE, NOT_COMPARABLE, UNSUPPORTED_BY_RUNNER = "not-reproducible", "not-comparable", "unsupported-by-runner"
 # Errors of the machinery (boot, runner, console, host), as opposed to KVM_RUN's own errors.
 INFRA_ERRORS = ("error:setup", "error:runner", "error:vm", "error:boot", "error:kernel-panic",
                 "error:garbled", "error:host")
@@ -61,7 +62,7 @@ class RealTrace:
     @property
     def compared(self) -> bool:
         """The kernel ran the case (its trace can be compared with a model's)."""
-        return self.sent and not self.end.startswith(UNSUPPORTED)
+        return self.sent and not self.end.startswith(UNSUPPORTED_BY_RUNNER)
 
     @property
     def failed(self) -> bool:
@@ -76,7 +77,7 @@ class RealTrace:
 
 def skip_reason(case: Case, log: ExecLog) -> RealTrace | None:
     """A trace that says why `case` is not sent to a real kernel, or None."""
-    if log.outcome in (UNSUPPORTED_INSN, GUEST_EXCEPTION):
+    if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{log.outcome}", detail=log.detail)
     for e in case.events:
         if e.when in WHY_NOT:
@@ -159,10 +160,10 @@ class Parser:
                 self._exits.append(mmio_exit(direction == "w", size, addr, data))
                 self._records += 1
             elif kind == "I":
-                self._exits.append(Exit("eintr"))
+                self._exits.append(Exit(ExitKind.EINTR))
                 self._records += 1
             elif kind == "E":
-                self._exits.append(Exit("error", f"KVM_RUN: {_errno_name(int(args[0]))}"))
+                self._exits.append(Exit(ExitKind.ERROR, f"KVM_RUN: {_errno_name(int(args[0]))}"))
                 self._records += 1
             elif kind == "note":
                 t.notes.append(" ".join(args))
@@ -189,7 +190,7 @@ class Parser:
         elif reason == "max-runs":
             t.end, detail = "error:too-many-runs", "8 x max_steps + 64 KVM_RUN calls without an ending"
         elif reason == "unsupported":
-            t.end = UNSUPPORTED
+            t.end = UNSUPPORTED_BY_RUNNER
         else:
             t.end = f"error:{reason}"
         t.detail = detail
@@ -229,7 +230,8 @@ def infer_steps(trace: RealTrace, log: ExecLog) -> None:
 
 # ---------------------------------------------------------------- model vs real
 
-MODEL_END_AS_REAL = {END: "end", NO_SYNDROME: "error:ENOSYS", LEFT_CODE: "left-code", MAX_STEPS: "max-steps"}
+MODEL_END_AS_REAL = {Outcome.END: "end", Outcome.NO_SYNDROME: "error:ENOSYS", Outcome.LEFT_CODE: "left-code",
+                     Outcome.MAX_STEPS: "max-steps"}
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ class Difference:
 
 def exit_key(e: Exit) -> tuple:
     """What must match in an exit: its kind, and for MMIO direction, size, address and value."""
-    if e.kind != "mmio":
+    if e.kind != ExitKind.MMIO:
         return (e.kind, e.detail)
     m = re.match(r"(read|write) (\d+) bytes at (0x[0-9a-f]+): (0x[0-9a-f]+)", e.detail)
     if not m:
@@ -262,7 +264,7 @@ def _exits_differ(model: tuple[Exit, ...], real: tuple[Exit, ...]) -> str:
 def difference(model: Trace, real: RealTrace) -> Difference | None:
     """None when the real kernel showed what the model predicts, stop for stop."""
     mstops, rstops = model.stops, real.stops
-    capped = model.outcome == MAX_STEPS          # the model stopped counting: compare its stops only
+    capped = model.outcome == Outcome.MAX_STEPS          # the model stopped counting: compare its stops only
     for i, (m, r) in enumerate(zip(mstops, rstops)):
         if m.pc != r.pc:
             return Difference(i, f"PC {m.pc:#x} (model) vs {r.pc:#x} (real)")

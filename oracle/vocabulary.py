@@ -1,0 +1,106 @@
+"""The oracle's vocabulary: every kind of outcome, exit and divergence, once.
+
+Each is a StrEnum whose values are what case files, `--json` output and
+crash directories have always said, so a member compares equal to (and
+serialises as) its old string.
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How a run ended.  `end` and `max-steps` are normal; the others stop the
+    run at an instruction the reference and the models treat alike."""
+    END = "end"
+    MAX_STEPS = "max-steps"
+    GUEST_EXCEPTION = "guest-exception"   # an exception taken to the guest's own EL1
+    UNSUPPORTED = "unsupported"           # an instruction stepfuzz does not model
+    NO_SYNDROME = "no-syndrome"           # MMIO without a valid ISS: KVM_RUN fails with ENOSYS
+    LEFT_CODE = "left-code"               # the guest branched outside its code
+    STUCK = "stuck"                       # a model made no progress (never expected)
+    DIVERGED = "diverged"                 # a model stopped at its first divergence, on request
+
+
+class DivergenceKind(StrEnum):
+    """What is wrong with the first stop that differs from the reference."""
+    ZERO_STEP = "zero-step"
+    MULTI_STEP = "multi-step"
+    SKIPPED = "skipped-instruction"
+    PC_MISMATCH = "pc-mismatch"
+    MISSING_STOP = "missing-stop"
+    EXTRA_STOP = "extra-stop"
+    OUTCOME = "outcome-mismatch"
+    STATE = "state-mismatch"
+
+
+class ExitKind(StrEnum):
+    """A KVM_RUN return that is not a stop, as a trace records it."""
+    MMIO = "mmio"
+    EINTR = "eintr"
+    ERROR = "error"
+
+
+class RunResult(StrEnum):
+    """What one KVM_RUN returns to the VMM, in a model."""
+    DEBUG = "debug"                       # KVM_EXIT_DEBUG: a stop
+    MMIO = "mmio"                         # KVM_EXIT_MMIO
+    EINTR = "eintr"                       # -EINTR (immediate_exit or a signal)
+    ENOSYS = "enosys"                     # -ENOSYS (an access without a syndrome)
+    GUEST_ENDED = "guest-ended"           # the guest reached a run ending
+
+
+class ExitReason(StrEnum):
+    """kvm_run->exit_reason as KVM leaves it for userspace."""
+    UNKNOWN = "unknown"
+    DEBUG = "debug"
+    MMIO = "mmio"
+    INTR = "intr"
+
+
+class HwExitKind(StrEnum):
+    """An exception taken to EL2 while the guest runs (or the end of what it can do)."""
+    SOFTSTEP = "softstep"
+    IRQ = "irq"
+    STAGE2 = "stage2"
+    DBGREG = "dbgreg"
+    MMIO = "mmio"
+    HVC = "hvc"
+    NO_SYNDROME = "no-syndrome"
+    ENDING = "ending"
+
+
+class Meets(StrEnum):
+    """What one dynamic instruction meets besides running natively (the guest
+    CPU's log); a run ending is recorded as its Outcome instead."""
+    NATIVE = "native"
+    MMIO = "mmio"
+    DBGREG = "dbgreg"
+    HVC = "hvc"
+
+
+class Trap(StrEnum):
+    """A trap to KVM recorded in a stop's record (Stop.why); the signature's
+    cause is built from these and from the events beside them."""
+    MMIO = "mmio"
+    MMIO_KERNEL = "mmio-kernel"
+    DBGREG = "dbgreg"
+    HVC = "hvc"
+    STAGE2_FETCH = "stage2-fetch"
+    STAGE2_DATA = "stage2-data"
+
+
+class Completion(StrEnum):
+    """Markers in a stop's record of what happened (Stop.why): where an
+    instruction completed, and how.  Everything else in that record is a trap
+    or an event; `is_completion` tells them apart."""
+    NATIVE = "|native"
+    EMULATED = "|emulated"
+    HVC = "|hvc"
+
+
+COMPLETIONS = frozenset(Completion)
+
+
+def is_completion(token: str) -> bool:
+    return token in COMPLETIONS
