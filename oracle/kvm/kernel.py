@@ -9,17 +9,15 @@ from __future__ import annotations
 from ..trace import HSR_FAKED
 from .eras import (FAKE_ALWAYS, FAKE_IF_PC_MOVED, FORCE, KEEP_PENDING, SKIP_DEFERRED,
                    SKIP_EL1_CLEAR, Era)
-from .hardware import (DBGREG, ENDING, HVC, IRQ, MMIO, NO_SYNDROME, SOFTSTEP, STAGE2,
-                       GuestHw, HwExit)
+from .hardware import GuestHw, HwExit
+from ..vocabulary import ExitReason, HwExitKind, RunResult, Trap
 
-# ioctl_run results (what KVM_RUN returns to userspace)
-EXIT_DEBUG, EXIT_MMIO, EINTR, ENOSYS, GUEST_ENDED = "debug", "mmio", "eintr", "enosys", "guest-ended"
 
 
 class Kvm:
     def __init__(self, era: Era, hw: GuestHw):
         self.era, self.hw = era, hw
-        self.exit_reason = "unknown"      # kvm_run->exit_reason, as left for userspace
+        self.exit_reason = ExitReason.UNKNOWN   # kvm_run->exit_reason, as left for userspace
         self.hsr = 0                      # kvm_run->debug.arch.hsr
         self.mmio_needed = False
         self.mmio_access = None           # kvm_run->mmio of the last userspace MMIO exit
@@ -31,32 +29,33 @@ class Kvm:
         self.signal = False               # a signal is pending for the vCPU thread
         self.signal_on_trap: set[int] = set()   # `trap` events: instruction indices
         self.ending = ""
+        self.trap_pc = hw.pc              # the PC when the last exit was handled (rfc-2018)
         self.remembers_pending = era.entry_ss == KEEP_PENDING   # 6.1's DBG_SS_ACTIVE_PENDING
         if era.armed_at_enable:
             hw.ss = True                  # KVM_SET_GUEST_DEBUG arms the first step
 
     # ------------------------------------------------------------ KVM_RUN
 
-    def ioctl_run(self, immediate_exit: bool = False, preempt: bool = False) -> str:
+    def ioctl_run(self, immediate_exit: bool = False, preempt: bool = False) -> RunResult:
         hw = self.hw
-        if self.exit_reason == "mmio" and self.mmio_return():
+        if self.exit_reason == ExitReason.MMIO and self.mmio_return():
             if self.fake_step():
                 self.signal = False       # delivered on the way back to userspace
-                return EXIT_DEBUG
+                return RunResult.DEBUG
         # (the policy points below are called only where the era has them)
         if self.era.ss_at_load_put:
             self.vcpu_load()
         if immediate_exit:
-            ret: int | str = EINTR        # exit_reason is left as it was
+            result: RunResult | None = RunResult.EINTR   # exit_reason is left as it was
         else:
-            ret = 1
-            self.exit_reason = "unknown"
-            while ret == 1:
+            result = None
+            self.exit_reason = ExitReason.UNKNOWN
+            while result is None:      # None: handled in the kernel, enter again
                 if self.signal:
                     self.signal = False
                     hw.why.append("signal")
-                    self.exit_reason = "intr"
-                    ret = EINTR
+                    self.exit_reason = ExitReason.INTR
+                    result = RunResult.EINTR
                     break
                 if preempt:
                     preempt = False       # kvm_sched_out / kvm_sched_in before entry
@@ -69,14 +68,14 @@ class Kvm:
                 exit = hw.run()
                 if self.remembers_pending:
                     self.clear_debug()
-                ret = self.handle_exit(exit)
+                result = self.handle_exit(exit)
         # out:
         if self.increment_pc and self.era.commit_pc_at_out:
             self.adjust_pc()
         if self.era.ss_at_load_put:
             self.vcpu_put()
         self.signal = False               # delivered to the VMM on the way back to userspace
-        return self.exit_reason if ret == 0 else ret  # type: ignore[return-value]
+        return result
 
     # ------------------------------------------------------------ debug.c
 
@@ -120,8 +119,8 @@ class Kvm:
     def fake_step(self) -> bool:
         """4.15-era kvm_arm_handle_step_debug(): report a step although none was taken."""
         mode = self.era.fake_step
-        if mode == FAKE_ALWAYS or (mode == FAKE_IF_PC_MOVED and self.hw.pc != self.hw.entry_pc):
-            self.exit_reason = "debug"
+        if mode == FAKE_ALWAYS or (mode == FAKE_IF_PC_MOVED and self.hw.pc != self.trap_pc):
+            self.exit_reason = ExitReason.DEBUG
             self.hsr = HSR_FAKED
             return True
         return False
@@ -140,50 +139,56 @@ class Kvm:
 
     # ------------------------------------------------------------ handle_exit.c
 
-    def handle_exit(self, exit: HwExit) -> int | str:
+    # Each handler returns None when the exit was handled in the kernel and
+    # the vCPU enters again, or what KVM_RUN returns to userspace.
+
+    def handle_exit(self, exit: HwExit) -> RunResult | None:
         kind = exit.kind
-        if kind == ENDING:
+        # The 2018 RFC samples *vcpu_pc() here, after the exit: an HVC has
+        # already moved it past itself, so the RFC sees no change for it.
+        self.trap_pc = self.hw.pc
+        if kind == HwExitKind.ENDING:
             self.ending = exit.detail
-            return GUEST_ENDED
+            return RunResult.GUEST_ENDED
         if self.signal_on_trap and exit.index in self.signal_on_trap:
             self.signal_on_trap.discard(exit.index)
             self.signal = True            # arrives while this exit is handled
-        if kind == SOFTSTEP:
+        if kind == HwExitKind.SOFTSTEP:
             return self.handle_guest_debug(exit)
-        if kind == IRQ:
-            return 1
-        handled = self.handle_trap(exit)
-        if handled == 1 and self.fake_step():
-            return 0
-        return handled
+        if kind == HwExitKind.IRQ:
+            return None
+        result = self.handle_trap(exit)
+        if result is None and self.fake_step():
+            return RunResult.DEBUG
+        return result
 
-    def handle_guest_debug(self, exit: HwExit) -> int:
-        self.exit_reason = "debug"
+    def handle_guest_debug(self, exit: HwExit) -> RunResult:
+        self.exit_reason = ExitReason.DEBUG
         self.hsr = exit.hsr
         if self.remembers_pending:
             self.ss_active_pending = False
         if self.era.step_exit_rearms:
             self.hw.ss = True
-        return 0
+        return RunResult.DEBUG
 
-    def handle_trap(self, exit: HwExit) -> int | str:
+    def handle_trap(self, exit: HwExit) -> RunResult | None:
         hw, kind = self.hw, exit.kind
-        if kind == STAGE2:
-            hw.why.append(f"stage2-{exit.detail}")
-            return 1                      # page mapped; the instruction runs again
-        if kind == DBGREG:
-            hw.why.append("dbgreg")
+        if kind == HwExitKind.STAGE2:
+            hw.why.append(Trap.STAGE2_FETCH if exit.detail == "fetch" else Trap.STAGE2_DATA)
+            return None                   # page mapped; the instruction runs again
+        if kind == HwExitKind.DBGREG:
+            hw.why.append(Trap.DBGREG)
             hw.complete()
             self.skip_instr()
-            return 1
-        if kind == HVC:
-            return 1                      # PSCI result in x0..x3; no skip
-        if kind == NO_SYNDROME:
+            return None
+        if kind == HwExitKind.HVC:
+            return None                   # PSCI result in x0..x3; no skip
+        if kind == HwExitKind.NO_SYNDROME:
             self.ending = exit.detail
-            return ENOSYS                 # io_mem_abort: no valid syndrome
-        assert kind == MMIO and exit.access is not None
+            return RunResult.ENOSYS       # io_mem_abort: no valid syndrome
+        assert kind == HwExitKind.MMIO and exit.access is not None
         kernel = exit.access.kernel
-        hw.why.append("mmio-kernel" if kernel else "mmio")
+        hw.why.append(Trap.MMIO_KERNEL if kernel else Trap.MMIO)
         self.mmio_index, self.mmio_done = exit.index, False
         if self.era.mmio_skip_at_decode:  # decode_hsr() skipped before emulating
             self.mmio_done = True
@@ -192,7 +197,7 @@ class Kvm:
         self.mmio_needed = True
         if kernel:                        # kvm_io_bus_* handled it: complete inline
             self.mmio_return()
-            return 1
-        self.exit_reason = "mmio"
+            return None
+        self.exit_reason = ExitReason.MMIO
         self.mmio_access = exit.access
-        return 0
+        return RunResult.MMIO
