@@ -159,6 +159,20 @@ def test_era_for_version():
     assert {v: kernels.era_for_version(v) for v in table} == table
 
 
+def test_released_eras_tile_the_versions_and_say_so():
+    """Every version has exactly one era (no gap, no overlap), and each era's
+    label for people names the version its range starts at."""
+    from stepfuzz.oracle.kvm.eras import ERAS
+    released = [e for e in ERAS.values() if e.released]
+    for v in [(a, b, c) for a in range(3, 9) for b in range(21) for c in (0, 9, 10, 300)]:
+        assert len([e for e in released if e.covers(v)]) == 1, v
+    for e in released:
+        if e.since is not None:
+            major, minor, patch = e.since
+            assert f"{major}.{minor}" + (f".{patch}" if patch else "") in e.kernels, e.id
+    assert not any(e.covers((6, 1, 0)) for e in ERAS.values() if not e.released)
+
+
 def test_apt_sources_both_formats():
     one = "# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://a.example/debian bookworm main\n" \
           "deb http://s.example/debian-security bookworm-security main\n"

@@ -24,64 +24,124 @@ FAKE_ALWAYS = "always"            # kvm_arm_handle_step_debug() after every hand
 FAKE_IF_PC_MOVED = "if-pc-moved"  # the 2018 RFC heuristic
 
 
+Version = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
+class PolicyPoint:
+    """A choice where releases differ, and the kernel code that makes it."""
+    field: str                    # the Era field
+    function: str                 # the kernel function(s) it models
+    decides: str                  # what it decides, in a KVM developer's words
+
+
+POLICY_POINTS: dict[str, PolicyPoint] = {p.field: p for p in (
+    PolicyPoint("entry_ss", "kvm_arm_setup_debug()", "what each guest entry does to PSTATE.SS"),
+    PolicyPoint("skip", "kvm_skip_instr() / kvm_incr_pc() + __adjust_pc()",
+                "where and when an emulated instruction's PC += 4 happens, and whether it clears SS"),
+    PolicyPoint("mmio_skip_at_decode", "decode_hsr() / kvm_handle_mmio_return()",
+                "whether an MMIO instruction is skipped before KVM_EXIT_MMIO or at its completion"),
+    PolicyPoint("mmio_guard", "kvm_handle_mmio_return()",
+                "whether MMIO completion checks mmio_needed (completes once)"),
+    PolicyPoint("fake_step", "kvm_arm_handle_step_debug()",
+                "whether a trap handled in the kernel is reported to userspace as a step"),
+    PolicyPoint("commit_pc_at_out", "kvm_arch_vcpu_ioctl_run() (out:)",
+                "whether a pending PC increment is committed before KVM_RUN returns to userspace"),
+    PolicyPoint("ss_at_load_put", "kvm_vcpu_load_debug() / kvm_vcpu_put_debug()",
+                "whether the step state is saved at vcpu_put and restored at vcpu_load"),
+    PolicyPoint("step_exit_rearms", "kvm_handle_guest_debug()",
+                "whether handling a software-step exit sets SS = 1 for the next step"),
+    PolicyPoint("armed_at_enable", "kvm_arch_vcpu_ioctl_set_guest_debug()",
+                "whether enabling single-step arms the first step (SS = 1)"),
+)}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Era:
     id: str
-    kernels: str                  # releases it stands for
+    kernels: str                  # the releases it stands for, for people
+    # ... and as data: upstream versions since <= v < until (None: open); an
+    # era of no release (an RFC, the architecture) has neither
+    since: Version | None = None
+    until: Version | None = None
+    released: bool = True
+    after: str | None = None      # the era it follows in the kernel's history
+    # the commits behind each policy field that differs from `after`'s, as
+    # ids joined by '+' (a name where the ids are not known); tests check that
+    # exactly those fields are named
+    changes: tuple[tuple[str, str], ...] = ()
     commits: str                  # the commits that define it
     summary: str
     entry_ss: str                 # FORCE / KEEP_PENDING / UNTOUCHED
     skip: str                     # SKIP_EL1 / SKIP_EL1_CLEAR / SKIP_DEFERRED
-    mmio_skip_at_decode: bool     # MMIO PC skip in decode_hsr, before KVM_EXIT_MMIO (<= 4.20)
-    mmio_guard: bool              # kvm_handle_mmio_return() checks mmio_needed (2113c5f62b74)
-    fake_step: str                # FAKE_NONE / FAKE_ALWAYS / FAKE_IF_PC_MOVED
-    commit_pc_at_out: bool        # pending PC committed before returning to userspace (26778aaa134a, e3e880bb1518)
-    ss_at_load_put: bool          # SS saved at vcpu_put, restored at vcpu_load (2ca3f03bf524)
-    step_exit_rearms: bool        # handling a step exit sets SS = 1 (the debugger re-arms the step)
+    mmio_skip_at_decode: bool = False   # MMIO PC skip in decode_hsr, before KVM_EXIT_MMIO (<= 4.20)
+    mmio_guard: bool = False      # kvm_handle_mmio_return() checks mmio_needed (2113c5f62b74)
+    fake_step: str = FAKE_NONE    # FAKE_NONE / FAKE_ALWAYS / FAKE_IF_PC_MOVED
+    commit_pc_at_out: bool = False   # pending PC committed before returning to userspace (26778aaa134a, e3e880bb1518)
+    ss_at_load_put: bool = False  # SS saved at vcpu_put, restored at vcpu_load (2ca3f03bf524)
+    step_exit_rearms: bool = False   # handling a step exit sets SS = 1 (the debugger re-arms the step)
     armed_at_enable: bool = False # KVM_SET_GUEST_DEBUG arms the step itself (SS = 1)
+
+    def covers(self, version: Version) -> bool:
+        """Does this era stand for upstream kernel `version`?"""
+        return self.released and (self.since is None or self.since <= version) and (
+            self.until is None or version < self.until)
 
 
 ERAS: dict[str, Era] = {e.id: e for e in (
-    Era("4.14", "v4.14 and earlier (4.14.y included)",
-        "before Alex Bennée's 2017 single-step series",
-        "forces SS on every entry; the PC skip never touches SS; MMIO skipped before the exit; no step checks",
-        FORCE, SKIP_EL1, True, False, FAKE_NONE, False, False, False),
-    Era("4.15", "v4.15 - v4.20 (4.19.y included)",
-        "kvm_arm_handle_step_debug(), removed by bd7d95cafb49 in v5.0",
-        "as 4.14, plus a faked KVM_EXIT_DEBUG after every trap handled in the kernel and after MMIO completion",
-        FORCE, SKIP_EL1, True, False, FAKE_ALWAYS, False, False, False),
-    Era("rfc-2018", "never merged",
-        "Alex Bennée's 2018 RFC on top of 4.15",
-        "as 4.15, but fakes the step only when the PC changed",
-        FORCE, SKIP_EL1, True, False, FAKE_IF_PC_MOVED, False, False, False),
-    Era("5.0", "v5.0 - v5.2 (and stable releases before the 2113c5f62b74 backport)",
-        "bd7d95cafb49, 0d640732dbeb",
-        "no fake steps; the skip clears SS at EL1 but the next entry forces it again; MMIO skipped at completion, without a guard",
-        FORCE, SKIP_EL1_CLEAR, False, False, FAKE_NONE, False, False, False),
-    Era("5.10", "v5.3 - v5.10",
-        "2113c5f62b74 (MMIO completion guarded by mmio_needed)",
-        "as 5.0, MMIO completed once",
-        FORCE, SKIP_EL1_CLEAR, False, True, FAKE_NONE, False, False, False),
-    Era("5.11", "v5.11 - v5.12.9",
-        "'Make kvm_skip_instr() and co private to HYP' (PC increments applied in hyp)",
-        "the skip is applied in hyp after setup_debug; still forces SS on every entry; pending PC kept across returns to userspace",
-        FORCE, SKIP_DEFERRED, False, True, FAKE_NONE, False, False, False),
-    Era("5.13", "v5.13 - v6.0 (and 5.12.10+)",
-        "26778aaa134a, e3e880bb1518 (pending PC committed before returning to userspace)",
-        "as 5.11, but a pending PC increment is committed at EL1 when KVM_RUN returns",
-        FORCE, SKIP_DEFERRED, False, True, FAKE_NONE, True, False, False),
-    Era("6.1", "v6.1 - v6.13",
-        "34fbdee086cf, 370531d1e95b",
-        "as 5.13, but an exit in active-pending is remembered and the next entry keeps SS = 0",
-        KEEP_PENDING, SKIP_DEFERRED, False, True, FAKE_NONE, True, False, False),
-    Era("6.14", "v6.14 and later",
-        "2ca3f03bf524 (software step state managed at vcpu load/put)",
-        "SS saved at vcpu_put and restored at vcpu_load; a step exit re-arms SS",
-        UNTOUCHED, SKIP_DEFERRED, False, True, FAKE_NONE, True, True, True),
-    Era("arch", "Mark Rutland's 2018 proposal",
-        "the Arm ARM D2.11 state machine",
-        "follow the architectural state machine: emulation advances it, nothing forces it",
-        UNTOUCHED, SKIP_EL1_CLEAR, False, True, FAKE_NONE, False, False, True, armed_at_enable=True),
+    Era(id="4.14", kernels="v4.14 and earlier (4.14.y included)", until=(4, 15, 0),
+        commits="before Alex Bennée's 2017 single-step series",
+        summary="forces SS on every entry; the PC skip never touches SS; MMIO skipped before the exit; no step checks",
+        entry_ss=FORCE, skip=SKIP_EL1, mmio_skip_at_decode=True),
+    Era(id="4.15", kernels="v4.15 - v4.20 (4.19.y included)", since=(4, 15, 0), until=(5, 0, 0),
+        after="4.14", changes=(("fake_step", "kvm_arm_handle_step_debug"),),
+        commits="kvm_arm_handle_step_debug(), removed by bd7d95cafb49 in v5.0",
+        summary="as 4.14, plus a faked KVM_EXIT_DEBUG after every trap handled in the kernel and after MMIO completion",
+        entry_ss=FORCE, skip=SKIP_EL1, mmio_skip_at_decode=True, fake_step=FAKE_ALWAYS),
+    Era(id="rfc-2018", kernels="never merged", released=False,
+        after="4.15", changes=(("fake_step", "rfc-2018"),),
+        commits="Alex Bennée's 2018 RFC on top of 4.15",
+        summary="as 4.15, but fakes the step only when the PC changed",
+        entry_ss=FORCE, skip=SKIP_EL1, mmio_skip_at_decode=True, fake_step=FAKE_IF_PC_MOVED),
+    Era(id="5.0", kernels="v5.0 - v5.2 (and stable releases before the 2113c5f62b74 backport)",
+        since=(5, 0, 0), until=(5, 3, 0),
+        after="4.15", changes=(("skip", "bd7d95cafb49"), ("fake_step", "bd7d95cafb49"), ("mmio_skip_at_decode", "0d640732dbeb")),
+        commits="bd7d95cafb49, 0d640732dbeb",
+        summary="no fake steps; the skip clears SS at EL1 but the next entry forces it again; "
+                "MMIO skipped at completion, without a guard",
+        entry_ss=FORCE, skip=SKIP_EL1_CLEAR),
+    Era(id="5.10", kernels="v5.3 - v5.10", since=(5, 3, 0), until=(5, 11, 0),
+        after="5.0", changes=(("mmio_guard", "2113c5f62b74"),),
+        commits="2113c5f62b74 (MMIO completion guarded by mmio_needed)",
+        summary="as 5.0, MMIO completed once",
+        entry_ss=FORCE, skip=SKIP_EL1_CLEAR, mmio_guard=True),
+    # 26778aaa134a reached 5.12.10 through stable
+    Era(id="5.11", kernels="v5.11 - v5.12.9", since=(5, 11, 0), until=(5, 12, 10),
+        after="5.10", changes=(("skip", "cdb5e02ed133"),),
+        commits="cdb5e02ed133 'Make kvm_skip_instr() and co private to HYP' (PC increments applied in hyp)",
+        summary="the skip is applied in hyp after setup_debug; still forces SS on every entry; "
+                "pending PC kept across returns to userspace",
+        entry_ss=FORCE, skip=SKIP_DEFERRED, mmio_guard=True),
+    Era(id="5.13", kernels="v5.13 - v6.0 (and 5.12.10+)", since=(5, 12, 10), until=(6, 1, 0),
+        after="5.11", changes=(("commit_pc_at_out", "26778aaa134a+e3e880bb1518"),),
+        commits="26778aaa134a, e3e880bb1518 (pending PC committed before returning to userspace)",
+        summary="as 5.11, but a pending PC increment is committed at EL1 when KVM_RUN returns",
+        entry_ss=FORCE, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True),
+    Era(id="6.1", kernels="v6.1 - v6.13", since=(6, 1, 0), until=(6, 14, 0),
+        after="5.13", changes=(("entry_ss", "34fbdee086cf+370531d1e95b"),),
+        commits="34fbdee086cf, 370531d1e95b",
+        summary="as 5.13, but an exit in active-pending is remembered and the next entry keeps SS = 0",
+        entry_ss=KEEP_PENDING, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True),
+    Era(id="6.14", kernels="v6.14 and later", since=(6, 14, 0),
+        after="6.1", changes=(("entry_ss", "2ca3f03bf524"), ("ss_at_load_put", "2ca3f03bf524"), ("step_exit_rearms", "2ca3f03bf524")),
+        commits="2ca3f03bf524 (software step state managed at vcpu load/put)",
+        summary="SS saved at vcpu_put and restored at vcpu_load; a step exit re-arms SS",
+        entry_ss=UNTOUCHED, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True,
+        ss_at_load_put=True, step_exit_rearms=True),
+    Era(id="arch", kernels="Mark Rutland's 2018 proposal", released=False,
+        commits="the Arm ARM D2.11 state machine",
+        summary="follow the architectural state machine: emulation advances it, nothing forces it",
+        entry_ss=UNTOUCHED, skip=SKIP_EL1_CLEAR, mmio_guard=True, step_exit_rearms=True, armed_at_enable=True),
 )}
 
 ERA_IDS = tuple(ERAS)
@@ -89,6 +149,12 @@ ERA_IDS = tuple(ERAS)
 
 class UnknownEra(ValueError):
     pass
+
+
+def era_for_version(version: Version) -> Era:
+    """The era model that stands for upstream kernel `version` (exactly one)."""
+    (era,) = [e for e in ERAS.values() if e.covers(version)]
+    return era
 
 
 def select(spec: str) -> list[Era]:
@@ -100,5 +166,6 @@ def select(spec: str) -> list[Era]:
         part = part.strip()
         if part not in ERAS:
             raise UnknownEra(f"unknown era {part!r} (known: {', '.join(ERA_IDS)}, all)")
-        out.append(ERAS[part])
+        if ERAS[part] not in out:           # each era once, in the order named
+            out.append(ERAS[part])
     return out

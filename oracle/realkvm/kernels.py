@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..kvm import eras
 from . import RealKvmError, cache_root, last_line, need_tool
 
 Log = Callable[[str], None]
@@ -62,23 +63,9 @@ def parse_version(text: str) -> tuple[int, int, int]:
 
 
 def era_for_version(version_str: str) -> str:
-    """The era model that stands for a kernel version (oracle/kvm/eras.py)."""
-    v = parse_version(version_str)
-    if v < (4, 15):
-        return "4.14"
-    if v < (5, 0):
-        return "4.15"
-    if v < (5, 3):
-        return "5.0"
-    if v < (5, 11):
-        return "5.10"
-    if v < (5, 12, 10):       # 26778aaa134a reached 5.12.10 through stable
-        return "5.11"
-    if v < (6, 1):
-        return "5.13"
-    if v < (6, 14):
-        return "6.1"
-    return "6.14"
+    """The id of the era model that stands for a kernel version (the ranges
+    are data of the eras themselves, oracle/kvm/eras.py)."""
+    return eras.era_for_version(parse_version(version_str)).id
 
 
 # ---------------------------------------------------------------- kernels users name
@@ -109,6 +96,33 @@ def resolve(spec: str, root: Path | None = None) -> Kernel:
         raise RealKvmError(f"--kernel {spec}: no such file, and not a kernel name ({names})")
     release, version = banner_version(path)
     return Kernel(spec, path.resolve(), version, release)
+
+
+HOST = "host"                 # a --kernel name: this arm64 machine's own KVM
+
+
+def target(spec: str | None, root: Path | None = None, native: bool = False) -> Kernel | None:
+    """What a --kernel value names: a Kernel to boot under QEMU, or None for
+    this host's own KVM (`host`, the default where `native` says there is one)."""
+    spec = spec or (HOST if native else None)
+    if spec is None:
+        raise RealKvmError("--kernel is required (5.10, 6.1, 6.12, latest or a PATH; see `stepfuzz kernels list`)")
+    if spec == HOST:
+        if not native:
+            raise RealKvmError("--kernel host needs an arm64 machine with /dev/kvm")
+        return None
+    return resolve(spec, root)
+
+
+def era_of(kernel: Kernel | None) -> str | None:
+    """The era that stands for `kernel` (None: this host's), None if its version is unknown."""
+    if kernel is not None:
+        return kernel.era
+    import platform
+    try:
+        return era_for_version(platform.release())
+    except ValueError:
+        return None
 
 
 def banner_version(path: Path) -> tuple[str, str]:
