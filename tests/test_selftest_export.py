@@ -47,15 +47,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, stepfuzz, unavailable
-from stepfuzz.fuzz.findings.export import as_reproduced
-from stepfuzz.oracle.case import load_case
+from conftest import CORPUS, make, stepfuzz, unavailable
+from stepfuzz.fuzz.findings.export import as_reproduced, selftest
+from stepfuzz.oracle.case import load_case, parse_case
 from stepfuzz.oracle.kvm.eras import ERAS
 from stepfuzz.oracle.run import check
 from stepfuzz.oracle.realkvm import RealKvmError, cache_root, kernels
 
 CASE = CORPUS / "known" / "6.1-immediate-exit-after-mmio.json"
 TEST_ASSERT_EXIT = 254                          # the library's exit status after a TEST_ASSERT failure
+KSFT_FAIL = 1                                   # ksft_finished() when a test of the plan failed
 JOBS = str(os.cpu_count() or 2)
 BUILD_TOOLS = (("make", "make"), ("gcc", "gcc"), ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
                ("dpkg-deb", "dpkg"), ("tar", "tar"), ("xz", "xz-utils"))
@@ -83,6 +84,176 @@ def clean_env() -> dict[str, str]:
     drop = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ARCH", "CROSS_COMPILE", "CC", "CFLAGS", "LDFLAGS",
             "LLVM", "O", "KBUILD_OUTPUT", "OUTPUT", "EXTRA_CFLAGS", "KHDR_INCLUDES")
     return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+# ---------------------------------------------------------------- per-case results, with a fake library
+
+# Just enough of kvm_util.h, processor.h, test_util.h and kselftest for the
+# exported test to build and run on the host: a "vCPU" whose every step
+# moves the PC 4 bytes on, as if each instruction were a nop, and TAP output.
+FAKE_HEADERS = {
+    "test_util.h": r"""
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+void ksft_print_header(void);
+void ksft_set_plan(unsigned int n);
+void ksft_print_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void fake_result(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define ksft_test_result(cond, ...) fake_result(!!(cond), __VA_ARGS__)
+void ksft_finished(void) __attribute__((noreturn));
+""",
+    "kvm_util.h": r"""
+#include <linux/kvm.h>
+#include "test_util.h"
+struct kvm_vm { unsigned int page_size; };
+struct kvm_vcpu { struct kvm_run *run; uint64_t pc; };
+enum vm_mem_backing_src_type { VM_MEM_SRC_ANONYMOUS };
+struct kvm_vm *vm_create_with_one_vcpu(struct kvm_vcpu **vcpu, void *guest_code);
+void vm_userspace_mem_region_add(struct kvm_vm *vm, enum vm_mem_backing_src_type src, uint64_t gpa,
+                                 uint32_t slot, uint64_t npages, uint32_t flags);
+void virt_map(struct kvm_vm *vm, uint64_t vaddr, uint64_t paddr, unsigned int npages);
+void *addr_gpa2hva(struct kvm_vm *vm, uint64_t gpa);
+void vcpu_set_reg(struct kvm_vcpu *vcpu, uint64_t id, uint64_t val);
+int __vcpu_get_reg(struct kvm_vcpu *vcpu, uint64_t id, void *val);
+void vcpu_guest_debug_set(struct kvm_vcpu *vcpu, struct kvm_guest_debug *debug);
+void vcpu_ioctl(struct kvm_vcpu *vcpu, unsigned long cmd, void *arg);
+int __vcpu_run(struct kvm_vcpu *vcpu);
+void kvm_vm_free(struct kvm_vm *vm);
+""",
+    "processor.h": r"""
+#define ARM64_CORE_REG(x) fake_core_reg(#x)
+uint64_t fake_core_reg(const char *name);
+""",
+}
+FAKE_LIBRARY = r"""
+#include <stdarg.h>
+#include "kvm_util.h"
+
+static unsigned int planned, number, failed, vms;
+static struct { uint64_t gpa, size; uint8_t *host; } mem[64];
+static int nmem;
+static struct kvm_run run;
+
+void ksft_print_header(void) { printf("TAP version 13\n"); }
+void ksft_set_plan(unsigned int n) { planned = n; printf("1..%u\n", n); }
+void ksft_print_msg(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	printf("# ");
+	vprintf(fmt, ap);
+	va_end(ap);
+}
+void fake_result(bool ok, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	printf("%sok %u ", ok ? "" : "not ", ++number);
+	vprintf(fmt, ap);
+	va_end(ap);
+	failed += !ok;
+}
+void ksft_finished(void)
+{
+	printf("# Totals: pass:%u fail:%u\n# fake: %u VMs not freed\n", number - failed, failed, vms);
+	exit(failed || number != planned ? 1 : 0);
+}
+struct kvm_vm *vm_create_with_one_vcpu(struct kvm_vcpu **vcpu, void *guest_code)
+{
+	static struct kvm_vm vm = { 4096 };
+	static struct kvm_vcpu one = { &run };
+	(void)guest_code;
+	vms++;
+	nmem = 0;
+	*vcpu = &one;
+	return &vm;
+}
+void vm_userspace_mem_region_add(struct kvm_vm *vm, enum vm_mem_backing_src_type src, uint64_t gpa,
+                                 uint32_t slot, uint64_t npages, uint32_t flags)
+{
+	(void)src; (void)slot; (void)flags;
+	mem[nmem].gpa = gpa;
+	mem[nmem].size = npages * vm->page_size;
+	mem[nmem].host = calloc(1, mem[nmem].size);
+	nmem++;
+}
+void virt_map(struct kvm_vm *vm, uint64_t vaddr, uint64_t paddr, unsigned int npages)
+{
+	(void)vm; (void)vaddr; (void)paddr; (void)npages;
+}
+void *addr_gpa2hva(struct kvm_vm *vm, uint64_t gpa)
+{
+	(void)vm;
+	for (int i = 0; i < nmem; i++)
+		if (gpa >= mem[i].gpa && gpa < mem[i].gpa + mem[i].size)
+			return mem[i].host + (gpa - mem[i].gpa);
+	abort();
+}
+uint64_t fake_core_reg(const char *name) { return !strcmp(name, "regs.pc"); }
+void vcpu_set_reg(struct kvm_vcpu *vcpu, uint64_t id, uint64_t val)
+{
+	if (id)
+		vcpu->pc = val;
+}
+int __vcpu_get_reg(struct kvm_vcpu *vcpu, uint64_t id, void *val)
+{
+	if (!id)
+		return -1;
+	memcpy(val, &vcpu->pc, 8);
+	return 0;
+}
+void vcpu_guest_debug_set(struct kvm_vcpu *vcpu, struct kvm_guest_debug *debug) { (void)vcpu; (void)debug; }
+void vcpu_ioctl(struct kvm_vcpu *vcpu, unsigned long cmd, void *arg) { (void)vcpu; (void)cmd; (void)arg; }
+int __vcpu_run(struct kvm_vcpu *vcpu)
+{
+	vcpu->pc += 4;
+	vcpu->run->exit_reason = KVM_EXIT_DEBUG;
+	return 0;
+}
+void kvm_vm_free(struct kvm_vm *vm)
+{
+	(void)vm;
+	while (nmem)
+		free(mem[--nmem].host);
+	vms--;
+}
+"""
+
+
+def tap(out: str) -> dict[int, tuple[bool, str]]:
+    """Test number -> (passed, name), from the TAP lines of a kselftest."""
+    return {int(m[2]): (not m[1], m[3]) for m in re.finditer(r"^(not )?ok (\d+) (.*?)\r?$", out, re.M)}
+
+
+def test_selftest_reports_every_case_and_a_failure_does_not_stop_the_rest(tmp_path):
+    if shutil.which("gcc") is None or not Path("/usr/include/linux/kvm.h").is_file():
+        pytest.skip("needs gcc and <linux/kvm.h> on the host")
+    straight = parse_case(make("nop\nnop\nnop", name="straight"))
+    jumps = parse_case(make("b skip\nnop\nskip:\nnop", name="jumps"))       # stops at 0x10008, not 0x10004
+    again = parse_case(make("nop\nnop", name="straight again"))
+    src = selftest([straight, jumps, again])
+    assert src.count("ksft_test_result(") == 1 and "ksft_test_result_pass" not in src
+    code = re.sub(r"/\*.*?\*/|//[^\n]*", "", src, flags=re.S)
+    assert "TEST_ASSERT" not in code            # a failing case is a result, not an abort
+    for name, text in FAKE_HEADERS.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "fake.c").write_text(FAKE_LIBRARY)
+    (tmp_path / "test.c").write_text(src)
+    cc = subprocess.run(["gcc", "-std=gnu99", "-O2", "-Wall", "-Werror", "-I", str(tmp_path), "-o", str(tmp_path / "test"),
+                         str(tmp_path / "test.c"), str(tmp_path / "fake.c")], capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    p = subprocess.run([str(tmp_path / "test")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == KSFT_FAIL, p.stdout + p.stderr
+    assert "1..3" in p.stdout
+    assert tap(p.stdout) == {1: (True, "straight"), 2: (False, "jumps"), 3: (True, "straight again")}, p.stdout
+    assert "# jumps: stop 1 at pc 0x10004, expected 0x10008 (not one instruction per step)" in p.stdout
+    assert "pass:2 fail:1" in p.stdout and "0 VMs not freed" in p.stdout
 
 
 # ---------------------------------------------------------------- the trees, cached
@@ -287,8 +458,10 @@ def name_of(case) -> str:
 def test_6_1_fails_on_6_1_at_the_stop_after_the_mmio_access(kernel, built):
     status, out = run(kernel, built("6.1", "stepfuzz_immediate_exit"), "6.1")
     name = name_of(load_case(CASE))
-    assert status == TEST_ASSERT_EXIT, out
-    assert "Test Assertion Failure" in out and f"ok 1 {name}" not in out
+    # a recorded failure of the one test, not an abort (TEST_ASSERT_EXIT, "Test Assertion Failure")
+    assert status == KSFT_FAIL, out
+    assert "Test Assertion Failure" not in out and tap(out) == {1: (False, name)}, out
+    assert "pass:0 fail:1" in out, out
     m = re.search(r": stop (\d+) at pc (0x[0-9a-f]+), expected (0x[0-9a-f]+) \(not one instruction per step\)", out)
     assert m and f"{name}: stop" in out, out
     # nop, then `ldr x1, [x2]` exits to userspace; immediate_exit; the next stop is two instructions on
@@ -309,7 +482,7 @@ def test_corpus_selftest_passes_on_latest(kernel, built):
     assert f"1..{n}" in out and f"pass:{n} fail:0" in out
 
 
-def test_corpus_selftest_on_6_1_stops_at_the_first_case_6_1_gets_wrong(kernel, built):
+def test_corpus_selftest_on_6_1_reports_every_case_and_fails_those_6_1_gets_wrong(kernel, built):
     b = built("6.1", "stepfuzz_single_step")
     status, out = run(kernel, b, "6.1")
     by_name = {name_of(c): c for c in map(load_case, (CORPUS / "known").glob("*.json"))}
@@ -318,7 +491,11 @@ def test_corpus_selftest_on_6_1_stops_at_the_first_case_6_1_gets_wrong(kernel, b
     # the era model for 6.1 says which cases 6.1 gets wrong, as the selftest runs them
     wrong = [n for n in order if check(as_reproduced(by_name[n]), [ERAS["6.1"]])[0].divergence is not None]
     first = order.index(wrong[0])
-    assert status == TEST_ASSERT_EXIT, out
+    assert status == KSFT_FAIL, out
     for i, n in enumerate(order[:first]):
         assert f"ok {i + 1} {n}\n" in out, out
     assert f"{wrong[0]}: stop " in out and "(not one instruction per step)" in out, out
+    # the cases after the first wrong one run too, each with its own result
+    assert "Test Assertion Failure" not in out and f"1..{len(order)}" in out, out
+    assert tap(out) == {i + 1: (n not in wrong, n) for i, n in enumerate(order)}, out
+    assert f"pass:{len(order) - len(wrong)} fail:{len(wrong)}" in out, out

@@ -15,8 +15,8 @@ should.
 
 The C is in templates/; the constants it shares with the runner are in
 oracle/realkvm/stepfuzz_vmm.h, whose text both exports inline (each is one
-file).  No text from a case reaches the C source unescaped: names and disassembly
-go through `c_comment`/`c_string`.
+file).  No text from a case reaches the C source unescaped: names and
+disassembly go through `c_comment`/`c_string`.
 """
 from __future__ import annotations
 
@@ -26,12 +26,15 @@ from importlib import resources
 
 from stepfuzz.oracle.asm import disasm
 from stepfuzz.oracle.case import INSN_EVENTS, Case
-from stepfuzz.oracle.guest import END, LEFT_CODE, MAX_STEPS, NO_SYNDROME, execute
+from stepfuzz.oracle.guest import execute
 from stepfuzz.oracle.reference import reference
+from stepfuzz.oracle.vocabulary import Outcome
 
 from stepfuzz.oracle.realkvm.vm import VMM_HEADER, VMM_SRC as VMM_SOURCE
 
-EXPORTABLE_ENDINGS = {END: "end", MAX_STEPS: "max-steps", LEFT_CODE: "left-code", NO_SYNDROME: "error"}
+# The guest's outcome -> how the VMM ends the run (an ENDED_* of stepfuzz_vmm.h).
+EXPORTABLE_ENDINGS = {Outcome.END: "end", Outcome.MAX_STEPS: "max-steps", Outcome.LEFT_CODE: "left-code",
+                      Outcome.NO_SYNDROME: "error"}
 ENOSYS = 38
 TIMED = INSN_EVENTS         # a VMM cannot time them
 
@@ -79,7 +82,7 @@ def expectation(case: Case) -> Expectation:
         raise NotExportable(f"the guest's run ends with '{ref.outcome}' ({ref.detail}): a reproducer cannot check that")
     dropped = [f"{e.when} insn {e.at}: {e.what}" for e in case.events if e.when in TIMED]
     return Expectation(case, ref.pcs, EXPORTABLE_ENDINGS[ref.outcome],
-                       str(ENOSYS) if ref.outcome == NO_SYNDROME else "", dropped)
+                       str(ENOSYS) if ref.outcome == Outcome.NO_SYNDROME else "", dropped)
 
 
 def _title(case: Case, index: int) -> str:
@@ -134,6 +137,7 @@ def _check_list(exps: list[Expectation]) -> str:
 TEMPLATES = resources.files(__package__) / "templates"
 VMM_INCLUDE = '#include "stepfuzz_vmm.h"\n'       # the line of vmm.c the header's text replaces
 HOLE = re.compile(r"@[A-Z][A-Z_]*@")
+HOLE_LINE = re.compile(r"^(?:/\* @([A-Z][A-Z_]*)@ \*/| \* @([A-Z][A-Z_]*)@)\n", re.M)
 
 
 def template(name: str) -> str:
@@ -141,15 +145,15 @@ def template(name: str) -> str:
 
 
 def _fill(text: str, holes: dict[str, str]) -> str:
-    for name, value in holes.items():
-        lines = [line for line in (f"/* @{name}@ */\n", f" * @{name}@\n") if line in text]
-        if len(lines) != 1 or text.count(lines[0]) != 1:
-            raise ValueError(f"the template has no single hole @{name}@")
-        text = text.replace(lines[0], value if not value or value.endswith("\n") else value + "\n")
-    left = HOLE.search(text)
-    if left:
-        raise ValueError(f"hole {left.group()} left unfilled")
-    return text
+    """Every hole of `text` filled, in one pass: what goes in (case text too) is never searched for holes."""
+    found = [m.group(1) or m.group(2) for m in HOLE_LINE.finditer(text)]
+    if sorted(found) != sorted(holes) or HOLE.search(HOLE_LINE.sub("", text)):
+        raise ValueError(f"the template's holes {found} are not {sorted(holes)}")
+
+    def value(m: re.Match[str]) -> str:
+        v = holes[m.group(1) or m.group(2)]
+        return v if not v or v.endswith("\n") else v + "\n"
+    return HOLE_LINE.sub(value, text)
 
 
 def vmm_core() -> str:

@@ -30,6 +30,8 @@ from .kernels import Kernel
 
 RUNNER_SRC = Path(__file__).with_name("runner.c")
 VMM_SRC = Path(__file__).with_name("vmm.c")        # included by runner.c
+VMM_HEADER = Path(__file__).with_name("stepfuzz_vmm.h")   # included by vmm.c, inlined by the exports
+RUNNER_SOURCES = (RUNNER_SRC, VMM_SRC, VMM_HEADER)  # everything the build reads: the cache key
 CROSS_CC, CROSS_CC_PACKAGE = "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"
 QEMU, QEMU_PACKAGE = "qemu-system-aarch64", "qemu-system-arm"
 KVM_HEADER_PACKAGE = "linux-libc-dev-arm64-cross"
@@ -64,7 +66,7 @@ def build_runner(root: Path | None = None, for_native: bool = False) -> Path:
     root = root or cache_root()
     cc = need_tool("gcc", "gcc") if for_native else need_tool(CROSS_CC, CROSS_CC_PACKAGE)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    source = RUNNER_SRC.read_bytes() + VMM_SRC.read_bytes()
+    source = b"\0".join(src.read_bytes() for src in RUNNER_SOURCES)     # no NUL in C source: unambiguous
     key = hashlib.sha256(source + version.encode() + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
     out = root / "runner" / key / "runner"
     if out.is_file():

@@ -4,7 +4,8 @@
  *
  * Shared by the batch runner (runner.c, which includes this file) and by the
  * standalone reproducers `stepfuzz export --standalone` writes (which embed
- * it), so both drive KVM the same way.  Only libc and <linux/kvm.h>.
+ * it, with stepfuzz_vmm.h inlined), so both drive KVM the same way.  Only
+ * libc and <linux/kvm.h>.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,22 +31,17 @@
 
 #include <linux/kvm.h>
 
+#include "stepfuzz_vmm.h"
+
 #define PAGE 0x1000ULL
 #define IPA_LIMIT (1ULL << 40)
-#define MAX_REGIONS 64
-#define MAX_EVENTS 256
 #define MAX_WORDS 4096
-#define INSN_B_SELF 0x14000000u
 #define INSN_RET 0xd65f03c0u
 #define PSTATE_EL1H_DAIF 0x3c5ULL
 #define PSCI_1_0 0x10000ULL
 #define VGIC_DIST_SIZE 0x10000ULL
 #define VGIC_REDIST_SIZE 0x20000ULL  /* RD + SGI frame of one vCPU */
 #define SCRATCH_TABLE 0x1000ULL      /* offset of the page table list in the scratch slot */
-
-enum { EV_MMIO, EV_STOP };
-enum { DO_IMMEDIATE = 1, DO_SIGNAL = 2, DO_PREEMPT = 4 };
-enum { R_RAM, R_MMIO, R_KERNEL };
 
 struct region { uint64_t base, size; int kind, prefault; void *host; };
 struct event { int when; uint64_t n; int what; };
@@ -267,7 +263,7 @@ static int setup_fail(const struct casedef *c, struct vm *v, const char *what)
 {
 	char detail[160];
 	snprintf(detail, sizeof(detail), "%s: %s", what, strerror(errno));
-	end_case(c, v, "setup", detail);
+	end_case(c, v, ENDED_SETUP, detail);
 	return -1;
 }
 
@@ -287,11 +283,11 @@ static int prefault(const struct casedef *c, struct vm *v, struct span *taken, i
 	scratch_size = (SCRATCH_TABLE + 8 * (npages + 1) + PAGE - 1) & ~(PAGE - 1);
 	scratch = free_gap(c, taken, *ntaken, scratch_size, PAGE);
 	if (!scratch)
-		return end_case(c, v, "unsupported", "no free guest-physical space for the prefault prologue"), -1;
+		return end_case(c, v, ENDED_UNSUPPORTED, "no free guest-physical space for the prefault prologue"), -1;
 	taken[(*ntaken)++] = (struct span){ scratch, scratch + scratch_size };
 	done = free_gap(c, taken, *ntaken, PAGE, PAGE);
 	if (!done)
-		return end_case(c, v, "unsupported", "no free guest-physical page for the prologue's exit"), -1;
+		return end_case(c, v, ENDED_UNSUPPORTED, "no free guest-physical page for the prologue's exit"), -1;
 
 	mem = mmap(NULL, scratch_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED)
@@ -324,9 +320,9 @@ static int prefault(const struct casedef *c, struct vm *v, struct span *taken, i
 		return setup_fail(c, v, "KVM_SET_ONE_REG (prologue)");
 	for (uint64_t runs = 0;; runs++) {
 		if (timed_out)
-			return end_case(c, v, "timeout", "in the prefault prologue"), -1;
+			return end_case(c, v, ENDED_TIMEOUT, "in the prefault prologue"), -1;
 		if (runs > 64 + 4 * npages)
-			return end_case(c, v, "setup", "prefault prologue did not finish"), -1;
+			return end_case(c, v, ENDED_SETUP, "prefault prologue did not finish"), -1;
 		if (ioctl(v->vcpu, KVM_RUN, 0) < 0) {
 			if (errno == EINTR)
 				continue;
@@ -336,7 +332,7 @@ static int prefault(const struct casedef *c, struct vm *v, struct span *taken, i
 			break;
 		char detail[96];
 		snprintf(detail, sizeof(detail), "prefault prologue: unexpected exit %u", v->run->exit_reason);
-		return end_case(c, v, "setup", detail), -1;
+		return end_case(c, v, ENDED_SETUP, detail), -1;
 	}
 	/* Abandon the prologue's MMIO store instead of completing it: a
 	 * completion would advance the PC, and on 5.11-5.12.9 that increment
@@ -363,7 +359,7 @@ static int create_vgic(const struct casedef *c, struct vm *v, const struct regio
 
 	redist = free_gap(c, taken, *ntaken, VGIC_REDIST_SIZE, 0x10000);
 	if (!redist)
-		return end_case(c, v, "unsupported", "no free 64 KiB-aligned 128 KiB gap for the vGIC redistributor"), -1;
+		return end_case(c, v, ENDED_UNSUPPORTED, "no free 64 KiB-aligned 128 KiB gap for the vGIC redistributor"), -1;
 	taken[(*ntaken)++] = (struct span){ redist, redist + VGIC_REDIST_SIZE };
 	if (ioctl(v->vm, KVM_CREATE_DEVICE, &d) < 0)
 		return setup_fail(c, v, "KVM_CREATE_DEVICE (vGICv3)");
@@ -413,9 +409,9 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 	sigaddset(&usr1, SIGUSR1);
 	for (;;) {
 		if (timed_out)
-			return end_case(c, v, "timeout", ""), 0;
+			return end_case(c, v, ENDED_TIMEOUT, ""), 0;
 		if (v->runs >= max_runs)
-			return end_case(c, v, "max-runs", ""), 0;
+			return end_case(c, v, ENDED_MAX_RUNS, ""), 0;
 		if ((pending & DO_PREEMPT) && migrate() < 0)
 			out("%ld note preempt: cannot move to another CPU (%s)", c->id, strerror(errno));
 		if (pending & DO_SIGNAL)
@@ -431,7 +427,7 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 		if (ret < 0) {
 			if (err == EINTR) {
 				if (timed_out)
-					return end_case(c, v, "timeout", ""), 0;
+					return end_case(c, v, ENDED_TIMEOUT, ""), 0;
 				out("%ld I", c->id);
 				v->nrec++;
 				continue;
@@ -440,7 +436,7 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			v->nrec++;
 			char detail[64];
 			snprintf(detail, sizeof(detail), "%d", err);
-			return end_case(c, v, "error", detail), 0;
+			return end_case(c, v, ENDED_ERROR, detail), 0;
 		}
 		switch (run->exit_reason) {
 		case KVM_EXIT_DEBUG: {
@@ -453,11 +449,11 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			v->nrec++;
 			nstops++;
 			if (pc == end_code)
-				return end_case(c, v, "end", ""), 0;
+				return end_case(c, v, ENDED_END, ""), 0;
 			if (pc < c->base || pc > end_code)
-				return end_case(c, v, "left-code", ""), 0;
+				return end_case(c, v, ENDED_LEFT_CODE, ""), 0;
 			if (nstops >= c->max_steps)
-				return end_case(c, v, "max-steps", ""), 0;
+				return end_case(c, v, ENDED_MAX_STEPS, ""), 0;
 			for (int i = 0; i < c->nev; i++)
 				if (c->ev[i].when == EV_STOP && c->ev[i].n == nstops)
 					pending |= c->ev[i].what;
@@ -488,7 +484,7 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 		default: {
 			char detail[32];
 			snprintf(detail, sizeof(detail), "%u", run->exit_reason);
-			return end_case(c, v, "exit", detail), 0;
+			return end_case(c, v, ENDED_EXIT, detail), 0;
 		}
 		}
 	}
@@ -510,7 +506,7 @@ static void run_case(struct casedef *c)
 	arm_timer(c->timeout_ms);
 	why = unsupported(c, &dist);
 	if (why) {
-		end_case(c, &v, "unsupported", why);
+		end_case(c, &v, ENDED_UNSUPPORTED, why);
 		goto out;
 	}
 	v.vm = ioctl(kvm_fd, KVM_CREATE_VM, 0);
@@ -540,7 +536,7 @@ static void run_case(struct casedef *c)
 			home = r;
 	}
 	if (!home) {
-		end_case(c, &v, "unsupported", "the code is not inside one ram region");
+		end_case(c, &v, ENDED_UNSUPPORTED, "the code is not inside one ram region");
 		goto out;
 	}
 	v.vcpu = ioctl(v.vm, KVM_CREATE_VCPU, 0);
