@@ -2,6 +2,7 @@
 cases and directories, and the options they take alike."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -57,3 +58,55 @@ def eras_arg(spec: str):
         return select(spec)
     except UnknownEra as e:
         fail(str(e))
+
+
+# ---------------------------------------------------------------- options several commands take
+
+def add_era(p: argparse.ArgumentParser, default: str | None = "all", help: str | None = None) -> None:
+    p.add_argument("--era", default=default,
+                   help=help or "era id, comma-separated ids, or all (default)")
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "one JSON object per case") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def add_all_rows(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="show every stop of long traces")
+
+
+def add_max_steps(p: argparse.ArgumentParser, help: str) -> None:
+    from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS_BOUND, help=f"{help} (default {MAX_STEPS_BOUND})")
+
+
+def check_max_steps(n: int) -> None:
+    """--max-steps: a bound a case may carry (docs/case-format.md)."""
+    from stepfuzz.oracle.case import MAX_STEPS_LIMIT
+    if not 1 <= n <= MAX_STEPS_LIMIT:
+        fail(f"--max-steps {n}: must be 1..{MAX_STEPS_LIMIT} (it bounds every input's max_steps)")
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds greater than 0."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text!r}")
+    return value
+
+
+def add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", metavar="DIR", help="cache directory (default $STEPFUZZ_CACHE or ~/.cache/stepfuzz)")
+
+
+def add_kernel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", metavar="K",
+                   help="5.10, 6.1, 6.12, latest (cached by `stepfuzz kernels fetch`), a PATH to an arm64 "
+                        "Image/vmlinuz, or `host` (an arm64 host's own /dev/kvm; the default there)")
+    p.add_argument("--boot-timeout", type=positive_seconds, default=120.0, metavar="S",
+                   help="seconds the kernel may take to boot (default 120)")
+    add_cache(p)

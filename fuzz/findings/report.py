@@ -5,9 +5,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from stepfuzz.oracle.asm import disasm
 from stepfuzz.oracle.case import Case
-from stepfuzz.oracle.trace import Exit, Stop
+from stepfuzz.oracle.trace import Exit, Stop, Trace
 
 if TYPE_CHECKING:
+    from stepfuzz.oracle.realkvm.batch import RealTrace
+    from stepfuzz.oracle.realkvm.kernels import Kernel
+    from stepfuzz.oracle.realkvm.vm import RunStats
     from stepfuzz.oracle.run import Result
 
 ROW_LIMIT = 60          # longer traces are shown around the divergence
@@ -98,3 +101,97 @@ def readable(case: Case) -> Case:
     except AsmError:
         pass
     return replace(case, asm=None)
+
+
+# ---------------------------------------------------------------- real kernels
+
+def kernel_text(kernel: "Kernel | None") -> str:
+    """A kernel as people name it: release name, upstream version, uname."""
+    import platform
+    if kernel is None:
+        return f"host (Linux {platform.release()})"
+    version = f"Linux {kernel.version}" if kernel.version else "version unknown"
+    return f"{kernel.name} ({version}{', ' + kernel.release if kernel.release else ''})"
+
+
+def run_stats_text(stats: "RunStats", n: int) -> str:
+    boot = f"booted in {stats.boot_seconds:.1f} s, " if stats.boot_seconds is not None else ""
+    rate = f", {60 * stats.sent / stats.seconds:.0f} cases/min" if stats.seconds and stats.sent else ""
+    return f"{boot}{stats.sent} of {n} case(s) sent, {stats.seconds:.1f} s in all{rate}" + \
+        (f"; the run stopped early: {stats.problem}" if stats.problem else "")
+
+
+def exits_json(numbered) -> list[dict[str, Any]]:
+    return [{"after_stop": i, "kind": e.kind, "detail": e.detail} for i, e in numbered]
+
+
+def real_trace_json(t: RealTrace, kernel: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "case": t.source, "kernel": kernel,
+        "stops": [{"pc": s.pc, "steps": s.steps, "isv": s.isv, "hsr": s.hsr} for s in t.stops],
+        "exits": exits_json(t.exits),
+        "end": t.end, "steps_inferred": True,      # a real kernel does not report steps
+    }
+    if t.detail:
+        out["detail"] = t.detail
+    if t.notes:
+        out["notes"] = t.notes
+    if t.console:
+        out["console"] = t.console
+    return out
+
+
+def _inferred_steps(s: Stop) -> str:
+    return "?" if s.steps < 0 else f"~{s.steps}"
+
+
+def real_trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> str:
+    head = f"{t.source}  {where}: {t.end}" + (f" ({t.detail})" if t.detail else "")
+    if not t.sent:
+        return head
+    if t.failed and not t.stops:
+        return head + ("\n  console (last lines):\n    " + t.console.replace("\n", "\n    ") if t.console else "")
+    lines = [head, f"  {'stop':>4}  {'stepped from':<38} {'pc':<12} {'steps':>5}  isv  exits in between"]
+    prev_pc, last = case.base, -1
+    for i in shown_rows(len(t.stops), 0, show_all):
+        if i != last + 1:
+            lines.append(f"  {'...':>4}")
+        last = i
+        s = t.stops[i]
+        prev_pc = t.stops[i - 1].pc if i else case.base
+        lines.append(f"  {i + 1:>4}  {f'{prev_pc:#x} {insn_at(case, prev_pc)}':<38} {s.pc:<#10x} {_inferred_steps(s):>5}  "
+                     f"{s.isv:>3}  {exits_text(s.exits)}")
+    if t.tail:
+        lines.append("  after the last stop: " + exits_text(t.tail))
+    for note in t.notes:
+        lines.append(f"  note: {note}")
+    lines.append("  (steps are inferred from the reference path: a real kernel does not report them)")
+    if t.console:
+        lines.append("  console (last lines):\n    " + t.console.replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+def model_vs_real_table(case, path: str, model: Trace, real: RealTrace, d, kernel: str, era: str) -> str:
+    lines = [f"{path}  DIFFERS on {kernel} vs era {era} at stop {d.stop + 1}: {d.what}",
+             f"  {'stop':>4}  {'model pc':<12} {'isv':>3}   {'real pc':<12} {'isv':>3}  exits before the stop"]
+    n = max(len(model.stops), len(real.stops))
+    last = -1
+    for i in shown_rows(n, d.stop, False):
+        if i != last + 1:
+            lines.append(f"  {'...':>4}")
+        last = i
+        m = model.stops[i] if i < len(model.stops) else None
+        r = real.stops[i] if i < len(real.stops) else None
+        mcol = f"{m.pc:<#12x} {m.isv:>3}" if m else f"{'-':<12} {'':>3}"
+        rcol = f"{r.pc:<#12x} {r.isv:>3}" if r else f"{'-':<12} {'':>3}"
+        mark = "  <<" if i == d.stop else ""
+        lines.append(f"  {i + 1:>4}  {mcol}   {rcol}{mark}")
+        mex, rex = exits_text(m.exits) if m else "", exits_text(r.exits) if r else ""
+        if mex or rex:
+            lines.append(f"  {'':>4}    model: {mex or '-'}")
+            lines.append(f"  {'':>4}    real:  {rex or '-'}")
+    lines.append(f"  end: model {model.outcome}" + (f" ({model.detail})" if model.detail else "")
+                 + f", real {real.end}" + (f" ({real.detail})" if real.detail else ""))
+    if model.tail or real.tail:
+        lines.append(f"  after the last stop: model [{exits_text(model.tail)}], real [{exits_text(real.tail)}]")
+    return "\n".join(lines)
