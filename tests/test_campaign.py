@@ -12,7 +12,10 @@ import pytest
 
 from conftest import CORPUS, stepfuzz
 import stepfuzz.fuzz.inputs.mutate as mutate
+from stepfuzz.fuzz.findings.crashdir import root_id
 from stepfuzz.fuzz.findings.store import CrashStore
+from stepfuzz.fuzz.harness.confirm import Keeper
+from stepfuzz.oracle.kvm.attribute import attribute, root_cause
 from stepfuzz.fuzz.inputs.encoding import EVENT_KINDS, MAGIC, NotACase, decode, decode_input, encode
 from stepfuzz.fuzz.inputs.generate import generate
 from stepfuzz.oracle.case import IPA_LIMIT, PAGE, load_case, parse_case
@@ -97,13 +100,15 @@ def test_crash_store_dedups_across_workers_and_keeps_the_smallest(tmp_path):
     (rb,) = check(big, select("6.1"))
     (rs,) = check(small, select("6.1"))
     assert rb.divergence.signature == rs.divergence.signature
-    a, b = CrashStore(tmp_path, "a"), CrashStore(tmp_path, "b")
-    assert a.record(rb) is True
-    assert b.record(rb) is False and b.record(rs) is False
+    a, b = Keeper(CrashStore(tmp_path, "a")), Keeper(CrashStore(tmp_path, "b"))
+    assert a.record(rb) == "v6.14:2ca3f03bf524/multi-step"
+    assert b.record(rb) is None and b.record(rs) is None
     a.flush(); b.flush()
     (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     info = json.loads((d / "divergence.json").read_text())
     assert info["count"] == 3 and info["signature"] == "6.1/multi-step/immediate-exit+mmio"
+    assert info["root_cause"]["signature"] == "v6.14:2ca3f03bf524/multi-step" and info["eras"] == {"6.1": 3}
+    assert d.name == info["id"] == root_id(info["root_cause"]["signature"])
     assert info["case_insns"] == 2 and load_case(d / "case.json").words == small.words
     shown = {k: rs.divergence.to_json()[k] for k in ("stop", "expected", "got")}
     assert shown != {k: rb.divergence.to_json()[k] for k in shown}       # the two cases diverge at different stops
@@ -114,24 +119,26 @@ def test_crash_store_dedups_across_workers_and_keeps_the_smallest(tmp_path):
 
 def test_a_divergence_that_does_not_reproduce_is_never_kept(tmp_path):
     """An oracle that leaks state between executions shows a divergence its
-    case does not have: the store checks a case again before it keeps it, for
-    a new signature and for a smaller case replacing a kept one.  (The leak
-    is simulated: the result is paired with a case that agrees.)"""
+    case does not have: the harness checks a case again before the store
+    keeps it, for a new signature and for a smaller case replacing a kept
+    one.  (The leak is simulated: the result is paired with a case that
+    agrees.)"""
     from dataclasses import replace
-    from stepfuzz.fuzz.findings.store import UnstableDivergence
+    from stepfuzz.fuzz.harness.confirm import Keeper, UnstableDivergence
     known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
     (r,) = check(known, select("6.1"))
     calm = replace(known, events=())
     assert check(calm, select("6.1"))[0].divergence is None
     store = CrashStore(tmp_path, "a")
+    keeper = Keeper(store)
     with pytest.raises(UnstableDivergence, match=r"6.1/multi-step/immediate-exit\+mmio did not reproduce .*agrees"):
-        store.record(replace(r, case=calm))
+        keeper.record(replace(r, case=calm))
     assert not [p for p in tmp_path.iterdir() if p.is_dir()] and not store.seen
-    assert store.record(r) is True                       # the genuine one is still new
+    assert keeper.record(r) == "v6.14:2ca3f03bf524/multi-step"     # the genuine one is still new
     small_calm = replace(calm, words=calm.words[:1])
     assert len(small_calm.words) < len(known.words) and check(small_calm, select("6.1"))[0].divergence is None
-    assert store.record(replace(r, case=small_calm)) is False
-    store.flush()
+    assert keeper.record(replace(r, case=small_calm)) is None
+    keeper.flush()
     (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert load_case(d / "case.json").words == known.words            # the smaller case was not kept
     assert json.loads((d / "divergence.json").read_text())["count"] == 2
@@ -149,20 +156,22 @@ def test_campaign_from_an_empty_corpus_records_and_replays(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "seed 11 (reuse with --seed 11)" in p.stderr
     divs = _divergences(crashes)
-    sigs = {d["signature"] for d in divs}
-    assert any(s.startswith("4.15/zero-step/stage2-") for s in sigs), sigs
-    assert not any(s.startswith("arch/") for s in sigs), sigs
+    roots = {d["root_cause"]["signature"] for d in divs}
+    assert "v5.0:bd7d95cafb49/zero-step" in roots, roots           # 4.15's zero-step after a stage-2 fault
+    assert not any("arch" in d["eras"] for d in divs), roots
     assert len(list(corpus.iterdir())) > 10
-    for d in divs:                      # every finding replays to its signature
+    for d in divs:                      # every finding replays to its signature and root cause
         case = crashes / d["id"] / "case.json"
         out = stepfuzz("run", case, "--era", d["era"], "--json")
         assert out.returncode == 1
         assert json.loads(out.stdout)["divergence"]["signature"] == d["signature"]
+        (r,) = check(load_case(case), select(d["era"]))
+        assert root_cause(attribute(r.case, r.era, r.divergence), r.divergence).signature == d["root_cause"]["signature"]
         assert d["first_found"]["elapsed_s"] >= 0 and d["count"] >= 1
     records = [json.loads(l) for l in (crashes / "stats.jsonl").read_text().splitlines()]
     assert records[-1]["final"] and records[-1]["execs"] >= 400
     st = stepfuzz("status", crashes)
-    assert st.returncode == 0 and "not running" in st.stdout and "4.15/zero-step" in st.stdout
+    assert st.returncode == 0 and "not running" in st.stdout and "v5.0:bd7d95cafb49/zero-step" in st.stdout
     pl = stepfuzz("plot", crashes, "-o", tmp_path / "plot.html")
     assert pl.returncode == 0 and "<svg" in (tmp_path / "plot.html").read_text()
 
@@ -182,14 +191,17 @@ def test_resume_keeps_everything_and_skips_junk_with_a_warning(tmp_path):
     assert "accent.json: code.asm: not ASCII" in first.stderr
     assert "resuming" not in first.stderr            # seeds alone are not an earlier campaign
     entries = set(p.name for p in corpus.iterdir())
-    sigs = {d["signature"] for d in _divergences(crashes)}
+    sigs = {s for d in _divergences(crashes) for s in d["signatures"]}
     assert "5.11/multi-step/irq-pending" in sigs
+    roots = {d["root_cause"]["signature"] for d in _divergences(crashes)}
+    assert "v6.1:34fbdee086cf+370531d1e95b/multi-step" in roots
     second = stepfuzz(*args, "--seed", "2")
     assert second.returncode == 0
     assert "resuming" in second.stderr
     assert entries <= set(p.name for p in corpus.iterdir())          # nothing lost, junk kept
-    assert sigs <= {d["signature"] for d in _divergences(crashes)}
-    assert len(_divergences(crashes)) == len({d["signature"] for d in _divergences(crashes)})
+    assert sigs <= {s for d in _divergences(crashes) for s in d["signatures"]}
+    assert roots <= {d["root_cause"]["signature"] for d in _divergences(crashes)}
+    assert len(_divergences(crashes)) == len({d["root_cause"]["signature"] for d in _divergences(crashes)})
 
 
 def test_sigkill_in_the_middle_loses_nothing_written(tmp_path):

@@ -60,8 +60,8 @@ def test_packed_fuzzer_uses_the_corpus_and_leaves_a_divergence_artifact(packed, 
                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     output = p.stdout + p.stderr
     assert "1 files found" in output, output[-2000:]
-    assert p.returncode != 0 and "DivergenceFound: 6.1/multi-step/immediate-exit+mmio" in output
-    assert "diverges_6_1_multi_step_immediate_exit_mmio" in output      # the engine's dedup key
+    assert p.returncode != 0 and "DivergenceFound: v6.14:2ca3f03bf524/multi-step" in output    # the root cause
+    assert "diverges_v6_14_2ca3f03bf524_multi_step" in output      # the engine's dedup key
     (artifact,) = tmp_path.glob("crash-*")
     assert json.loads(artifact.read_text())["code"]["asm"].startswith("nop")
 
@@ -118,12 +118,16 @@ def test_crashes_merge_keeps_every_signature_once(tmp_path):
         dirs.append(c)
     p = stepfuzz("crashes", "merge", *dirs, "-o", tmp_path / "all")
     assert p.returncode == 0, p.stderr
-    sig = lambda d: {json.loads(f.read_text())["signature"]: json.loads(f.read_text()) for f in d.glob("*/divergence.json")}
-    merged = sig(tmp_path / "all")
-    assert set(merged) == set(sig(dirs[0])) | set(sig(dirs[1]))
-    both = set(sig(dirs[0])) & set(sig(dirs[1]))
-    for s in both:
-        assert merged[s]["count"] == sig(dirs[0])[s]["count"] + sig(dirs[1])[s]["count"]
+    def roots(d):
+        return {(info := json.loads(f.read_text()))["root_cause"]["signature"]: info for f in d.glob("*/divergence.json")}
+    merged = roots(tmp_path / "all")
+    assert set(merged) == set(roots(dirs[0])) | set(roots(dirs[1]))
+    for s in merged:                                 # two campaigns' hits add up, every signature is kept
+        parts = [roots(d)[s] for d in dirs if s in roots(d)]
+        assert merged[s]["count"] == sum(p["count"] for p in parts)
+        assert set(merged[s]["signatures"]) == {k for p in parts for k in p["signatures"]}
+    p = stepfuzz("crashes", "merge", *dirs, "-o", tmp_path / "all")          # again: nothing counted twice
+    assert {s: r["count"] for s, r in roots(tmp_path / "all").items()} == {s: r["count"] for s, r in merged.items()}
     for d in (tmp_path / "all").iterdir():          # each record describes the case kept beside it
         if (d / "divergence.json").exists():
             info = json.loads((d / "divergence.json").read_text())

@@ -1,15 +1,21 @@
 """Minimize, triage and export, as a user runs them; reproducers proven on real kernels."""
 import json
 import random
+import re
 import shutil
 import subprocess
+import tomllib
 from dataclasses import replace
+from fnmatch import fnmatch
+from importlib import resources
 
 import pytest
 
-from conftest import CORPUS, stepfuzz
+from conftest import CORPUS, REPO, stepfuzz
 from stepfuzz.fuzz.inputs import insns as I
 from stepfuzz.fuzz.findings.store import CrashStore
+from stepfuzz.fuzz.harness.confirm import Keeper
+from stepfuzz.fuzz.findings import export
 from stepfuzz.fuzz.findings.export import c_comment, c_string, selftest, standalone
 from stepfuzz.fuzz.findings.minimize import minimize
 from stepfuzz.oracle.case import load_case
@@ -57,11 +63,12 @@ def test_minimize_command_on_a_case_and_on_a_crash_directory(tmp_path):
     assert p.returncode == 2 and "does not diverge on era 6.1" in p.stderr
     crashes = tmp_path / "crashes"
     store = CrashStore(crashes)
+    keeper = Keeper(store)
     for f in ("known/4.15-stage2-fault-zero-step.json", "known/4.14-emulated-sysreg-multi-step.json"):
         for r in check(load_case(CORPUS / f), select("all")):
             if r.divergence:
-                store.record(r)
-    store.flush()
+                keeper.record(r)
+    keeper.flush()
     one = sorted(crashes.glob("*/divergence.json"))[0].parent
     p = stepfuzz("minimize", one)                                 # one crash directory
     assert p.returncode == 0, p.stderr
@@ -76,18 +83,21 @@ def test_minimize_command_on_a_case_and_on_a_crash_directory(tmp_path):
 def test_triage_groups_signatures_by_root_cause(tmp_path):
     crashes = tmp_path / "crashes"
     store = CrashStore(crashes)
+    keeper = Keeper(store)
     for f in CORPUS.rglob("*.json"):
         for r in check(load_case(f), select("all")):
             if r.divergence:
-                store.record(r)
-    store.flush()
-    n_sigs = len(list(crashes.glob("*/divergence.json")))
+                keeper.record(r)
+    keeper.flush()
+    n_sigs = len({s for f in crashes.glob("*/divergence.json") for s in json.loads(f.read_text())["signatures"]})
     p = stepfuzz("triage", crashes, "--html", tmp_path / "t.html")
     assert p.returncode == 0
-    rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and not l.startswith("| effect")]
+    rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and not l.startswith("| what a VMM sees")]
     assert 0 < len(rows) < n_sigs
-    assert any("0 instructions per stop | stage2-" in r and "4.15" in r for r in rows)
-    assert any("2+ instructions per stop | dbgreg |" in r and "4.14, 5.0, 5.10" in r for r in rows)
+    assert any(r.startswith("| a stop with no instruction stepped |") and "bd7d95cafb49 (v5.0)" in r
+               and "| 4.15 |" in r for r in rows)
+    assert any(r.startswith("| two or more instructions in one step |") and "cdb5e02ed133 (v5.11)" in r
+               and "| 5.0, 5.10 |" in r for r in rows)
     assert "<table>" in (tmp_path / "t.html").read_text()
 
 
@@ -103,8 +113,8 @@ def test_exported_c_escapes_case_text(tmp_path):
     def code_only(text):      # string literals and comments are data; the rest must not change
         text = re.sub(r'"(\\.|[^"\\])*"', '""', text)
         return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    for export in (standalone, selftest):
-        assert code_only(export([case])) == code_only(export([replace(base, name="plain")]))
+    for exporter in (standalone, selftest):
+        assert code_only(exporter([case])) == code_only(exporter([replace(base, name="plain")]))
     if shutil.which("aarch64-linux-gnu-gcc"):
         src = tmp_path / "evil.c"
         src.write_text(standalone([case]))
@@ -140,3 +150,70 @@ def test_export_refuses_what_it_cannot_check(tmp_path):
     assert p.returncode == 2 and "cannot check" in p.stderr and not (tmp_path / "x.c").exists()
     p = stepfuzz("export", CORPUS / "known" / "5.11-irq-after-retire-multi-step.json", "--standalone", "-o", tmp_path / "y.c")
     assert p.returncode == 0 and "not reproducible from userspace, left out: after insn 2: host-irq" in p.stderr
+
+
+# ---------------------------------------------------------------- templates and the shared header
+
+TEMPLATES = ("case_table.c", "standalone.c", "selftest.c")
+HEADER = "stepfuzz_vmm.h"
+LEFTOVER = re.compile(r"@[A-Z][A-Z_]*@")          # a template hole, filled or not
+
+
+def package_data() -> list[tuple[str, str]]:
+    return [("stepfuzz.fuzz.findings", f"templates/{t}") for t in TEMPLATES] + \
+        [("stepfuzz.oracle.realkvm", name) for name in ("vmm.c", "runner.c", HEADER)]
+
+
+def test_templates_and_the_shared_header_are_package_data():
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package, name in package_data():
+        assert (resources.files(package) / name).is_file(), (package, name)
+        # what a wheel ships: the package-data globs must match it
+        assert any(fnmatch(name, pattern) for pattern in declared.get(package, ())), (package, name)
+    for t in TEMPLATES:
+        text = export.template(t)
+        holes = LEFTOVER.findall(text)
+        assert holes and len(holes) == len(export.HOLE_LINE.findall(text)), f"{t}: a hole not on a line of its own"
+
+
+def header_names() -> tuple[set[str], dict[str, str]]:
+    """The macros and enum members stepfuzz_vmm.h defines, and the ENDED_* strings."""
+    text = (resources.files("stepfuzz.oracle.realkvm") / HEADER).read_text()
+    macros = set(re.findall(r"^#define (\w+)", text, re.M)) - {"STEPFUZZ_VMM_H"}
+    members = {m for body in re.findall(r"enum \{([^}]*)\}", text) for m in re.findall(r"\b([A-Z]\w*)\b", body)}
+    return macros | members, dict(re.findall(r'^#define (ENDED_\w+) "([^"]*)"', text, re.M))
+
+
+def test_shared_constants_are_defined_only_in_the_header():
+    names, ended = header_names()
+    assert {"MAX_REGIONS", "MAX_EVENTS", "INSN_B_SELF", "R_RAM", "EV_MMIO", "DO_SIGNAL", "ENDED_END"} <= names
+    others = {name: (resources.files(pkg) / name).read_text() for pkg, name in package_data() if name != HEADER}
+    for where, text in others.items():
+        for name in names:
+            assert not re.search(rf"#define {name}\b|enum \{{[^}}]*\b{name}\b", text), f"{where} defines {name} again"
+    assert '#include "stepfuzz_vmm.h"' in others["vmm.c"]
+    # what the exporter writes into the case tables is the header's
+    text = standalone([load_case(f) for f in KNOWN]) + selftest([load_case(f) for f in KNOWN])
+    table_names = set(re.findall(r"\b(?:R|EV|DO)_[A-Z]+\b", text))
+    assert table_names and table_names <= names
+    assert set(export.EXPORTABLE_ENDINGS.values()) <= set(ended.values())
+
+
+def test_exported_c_is_one_file_with_no_hole_left(tmp_path):
+    cases = [load_case(f) for f in KNOWN]
+    for text in [standalone([c]) for c in cases] + [selftest([c]) for c in cases] + [standalone(cases), selftest(cases)]:
+        assert not LEFTOVER.search(text), LEFTOVER.search(text).group()
+        assert "#define STEPFUZZ_VMM_H" in text and '"stepfuzz_vmm.h"' not in text     # inlined, not included
+    assert not re.search(r'#include\s*"', standalone(cases))                          # libc and <linux/kvm.h> only
+    p = stepfuzz("export-corpus", CORPUS / "known", "-o", tmp_path)
+    assert p.returncode == 0, p.stderr
+    for f in tmp_path.glob("*.c"):
+        assert not LEFTOVER.search(f.read_text()), f
+
+
+def test_case_text_that_looks_like_a_hole_stays_text():
+    base = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
+    for name in ("/* @CASES@ */", " * @VMM@", "@LIST@", "@CASE_TABLE@ * @STEPFUZZ_VMM_H@"):
+        for export_c in (standalone, selftest):
+            text = export_c([replace(base, name=name)])
+            assert text.count("#define STEPFUZZ_VMM_H") == 1 and text.count("static const struct sf_case cases[]") == 1

@@ -11,18 +11,19 @@ first/last seen widened, the smallest case kept.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stepfuzz.oracle.kvm.eras import Era, select
 from stepfuzz.oracle.run import check
 
 from stepfuzz.fuzz.campaign.supervisor import harness_launcher
-from stepfuzz.fuzz.findings.store import crash_records, read_json, write_atomic
+from stepfuzz.fuzz.findings.crashdir import CrashDir, DivergenceRecord, UnreadableRecord, crash_dirs, root_id, scan
+from stepfuzz.fuzz.findings.rootcause import root_of
+from stepfuzz.fuzz.findings.store import write_atomic
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, NotACase, decode_input
 
 CONTROL = ".merge_control"
@@ -76,27 +77,82 @@ def corpus_merge(sources: list[Path], out: Path, eras: str = "all", max_steps: i
     return {"inputs": len(_inputs(out)), "signatures": len(kept), "added_for_signatures": added}
 
 
-def crashes_merge(sources: list[Path], out: Path) -> dict:
+@dataclass
+class CrashesMerged:
+    signatures: int                 # findings in the output
+    merged_duplicates: int          # findings a source shared with the output
+    unreadable: list[UnreadableRecord] = field(default_factory=list)    # left out (a source's) or replaced (the output's)
+
+
+class SameDirectory(ValueError):
+    """A merge whose output is one of its inputs (or inside one)."""
+
+
+def crashes_merge(sources: list[Path], out: Path) -> CrashesMerged:
+    """One directory per root cause in `out`: findings of several campaigns
+    (and of the version before root causes, attributed on the way) merged.
+    Hits are counted per original finding (`origins`), so merging the same
+    source again, or a copy of it, changes nothing.  Never follows a symlink."""
+    for src in sources:
+        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+            raise SameDirectory(f"{out}: the output is {src}, an input of the merge")
     out.mkdir(parents=True, exist_ok=True)
     merged = 0
+    unreadable: list[UnreadableRecord] = []
     for src in sources:
-        for d, info in crash_records(src):
-            dest = out / d.name
-            mine = read_json(dest / "divergence.json")
+        found = scan(src)
+        unreadable += found.unreadable
+        for f in found:
+            if f.dir.path.is_symlink():
+                unreadable.append(UnreadableRecord(f.dir.path, "a symbolic link: not followed"))
+                continue
+            try:
+                root = root_of(f.dir, f.record)
+            except UnreadableRecord as e:
+                unreadable.append(e)
+                continue
+            theirs = _as_root_record(f.record, root)
+            dest = CrashDir(out / theirs.id)
+            try:
+                mine = dest.read_record() if dest.is_finding() else None
+            except UnreadableRecord as e:
+                unreadable.append(UnreadableRecord(e.path, f"{e.problem} (replaced by {f.dir.record_path})"))
+                mine = None
             if mine is None:
-                shutil.copytree(d, dest, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
+                dest.path.mkdir(exist_ok=True)
+                dest.take_case_from(f.dir)
+                dest.write_record(theirs)
                 continue
             merged += 1
-            mine["count"] = mine.get("count", 0) + info.get("count", 0)
-            mine["first_seen"] = min(mine.get("first_seen", ""), info.get("first_seen", "")) or mine.get("first_seen", "")
-            mine["last_seen"] = max(mine.get("last_seen", ""), info.get("last_seen", ""))
-            if info.get("case_insns", 1 << 30) < mine.get("case_insns", 1 << 30):
-                for name in ("case.json", "report.txt", "minimized.json"):
-                    if (d / name).exists():
-                        shutil.copy2(d / name, dest / name)
+            origins = mine.hits_by_origin()
+            for origin, n in theirs.hits_by_origin().items():
+                origins[origin] = max(origins.get(origin, 0), n)      # the same finding again: not new hits
+            mine = replace(mine, origins=origins, count=sum(origins.values()),
+                           first_seen=min(mine.first_seen, theirs.first_seen),
+                           last_seen=max(mine.last_seen, theirs.last_seen),
+                           eras=_union(mine.eras, theirs.eras), signatures=_union(mine.signatures, theirs.signatures))
+            if theirs.kept_key() < mine.kept_key():
+                dest.take_case_from(f.dir)
                 # the divergence as the kept case shows it (its stop, detail, size)
-                mine.update({k: v for k, v in info.items() if k not in ("count", "first_seen", "last_seen", "first_found")})
-            write_atomic(dest / "divergence.json", json.dumps(mine, indent=2) + "\n")
-    total = sum(1 for d in out.iterdir() if (d / "divergence.json").exists())
-    return {"signatures": total, "merged_duplicates": merged}
+                mine = mine.describing(theirs)
+            dest.write_record(mine)
+    return CrashesMerged(sum(1 for _ in crash_dirs(out)), merged, unreadable)
+
+
+def _as_root_record(record, root: dict) -> "DivergenceRecord":
+    """A record as a root cause's directory holds it: named after the root
+    cause, with its eras, signatures and origins (a record of the version
+    before root causes gets them from its one era and signature)."""
+    return replace(record, id=root_id(root["signature"]), root_cause=root,
+                   eras=record.eras or {record.era: record.count},
+                   signatures=record.signatures or {record.signature: record.count},
+                   origins=record.hits_by_origin())
+
+
+def _union(a, b) -> dict[str, int]:
+    """Hit counts of two records of one root cause (per era, per signature):
+    the larger of each, since the same finding may be in both."""
+    out = dict(a or {})
+    for k, n in (b or {}).items():
+        out[k] = max(out.get(k, 0), n)
+    return out

@@ -14,28 +14,40 @@ from pathlib import Path
 from stepfuzz.oracle.kvm.eras import select
 from stepfuzz.oracle.run import check
 
-from stepfuzz.fuzz.findings.store import crash_records, read_json
+from stepfuzz.fuzz.findings.crashdir import UnreadableRecord, scan
+from stepfuzz.fuzz.findings.store import read_json
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND
+from stepfuzz.fuzz.findings.rootcause import root_of
+from stepfuzz.fuzz.harness.confirm import RootCauses
 from stepfuzz.fuzz.inputs.generate import generate
 from stepfuzz.fuzz.campaign.supervisor import STEPFUZZ_COMMAND
 
-# class -> (signature prefix, a token its cause must contain)
-CLASSES = {"4.15 zero-step": ("4.15/zero-step/", ""), "5.10 multi-step": ("5.10/multi-step/", ""),
-           "6.1 multi-step": ("6.1/multi-step/", ""),
-           "5.0 skipped instruction": ("5.0/skipped-instruction/", ""),
-           "6.1 multi-step after a signal": ("6.1/multi-step/", "signal"),
-           "arch (any: an oracle bug)": ("arch/", "")}
-ERAS = "4.15,5.0,5.10,6.1,arch"
+# class -> its root cause signature (tests/test_attribution.py checks that each
+# is what attribution makes of the corpus/known case named after it)
+CLASSES = {"4.15 zero-step after a stage-2 fault": "v5.0:bd7d95cafb49/zero-step",
+           "5.0 skipped instruction after immediate_exit": "v5.3:2113c5f62b74/skipped-instruction",
+           "5.10 multi-step after emulation": "v5.11:cdb5e02ed133/multi-step",
+           "5.11 multi-step after an exit in active-pending": "v6.1:34fbdee086cf+370531d1e95b/multi-step",
+           "6.1 multi-step after immediate_exit or a signal": "v6.14:2ca3f03bf524/multi-step",
+           "arch (any: an oracle bug)": "arch"}
+ERAS = "4.15,5.0,5.10,5.11,6.1,arch"
 TARGETS = [c for c in CLASSES if not c.startswith("arch")]
 
 
-def _classes_of(signature: str) -> list[str]:
-    return [c for c, (prefix, token) in CLASSES.items()
-            if signature.startswith(prefix) and token in signature.split("/")[-1].split("+") + [""]]
+def _classes_of(root: str, eras) -> list[str]:
+    return [c for c, want in CLASSES.items() if root == want or (want == "arch" and "arch" in eras)]
 
 
-def with_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
-    """A single-process campaign on an empty corpus, stopped once every target is found."""
+def with_feedback(seed: int, limit_s: float, log=lambda m: None) -> dict[str, tuple[float, int]]:
+    """A single-process campaign on an empty corpus, stopped once every target
+    is found.  A finding whose record cannot be read counts as not found, and
+    is logged once."""
+    warned: set[Path] = set()
+
+    def warn(e: UnreadableRecord) -> None:
+        if e.path not in warned:
+            warned.add(e.path)
+            log(f"stepfuzz: warning: {e}")
     with tempfile.TemporaryDirectory(prefix="stepfuzz-rediscover-") as tmp:
         crashes = Path(tmp) / "crashes"
         proc = subprocess.Popen([*STEPFUZZ_COMMAND, "fuzz", "--era", ERAS, "--seed", str(seed),
@@ -45,24 +57,29 @@ def with_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
         found: dict[str, float] = {}
         while proc.poll() is None:
             time.sleep(0.5)
-            found = _found(crashes)
+            found = _found(crashes, warn)
             if all(t in found for t in TARGETS):
                 proc.send_signal(signal.SIGINT)
                 break
         proc.wait(timeout=60)
-        return _found(crashes)
+        return _found(crashes, warn)
 
 
-def _found(crashes: Path) -> dict[str, tuple[float, int]]:
-    """class -> (seconds since the harness started, executions) at the first find."""
+def _found(crashes: Path, warn=lambda e: None) -> dict[str, tuple[float, int]]:
+    """class -> (seconds since the harness started, executions) at the first
+    find; warn(UnreadableRecord) for each finding that cannot be read."""
     ready = min((w["begun"] for p in crashes.glob(".workers/*.json") if (w := read_json(p))), default=None)
     camp = read_json(crashes / "campaign.json") or {}
     startup = (ready - camp["started"]) if ready and camp else 0.0
     out: dict[str, tuple[float, int]] = {}
-    for _, info in crash_records(crashes):
-        first = info["first_found"]
-        at = (max(0.0, first["elapsed_s"] - startup), first["execs"])
-        for c in _classes_of(info["signature"]):
+    found = scan(crashes)
+    for e in found.unreadable:
+        warn(e)
+    for f in found:
+        first = f.record.first_found
+        at = (max(0.0, first.elapsed_s - startup), first.execs)
+        root = root_of(f.dir, f.record)
+        for c in _classes_of(root["signature"], f.record.eras or [f.record.era]):
             out[c] = min(out.get(c, at), at)
     return out
 
@@ -74,12 +91,13 @@ def without_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
     eras = select(ERAS)
     start = time.perf_counter()
     found: dict[str, tuple[float, int]] = {}
+    roots = RootCauses()          # attributed as the harness does, once per per-era signature
     execs = 0
     while time.perf_counter() - start < limit_s and not all(t in found for t in TARGETS):
         execs += 1
         for r in check(generate(rnd).bounded(MAX_STEPS_BOUND), eras, first_divergence_only=True):
             if r.divergence:
-                for c in _classes_of(r.divergence.signature):
+                for c in _classes_of(roots.of(r).signature, [r.era.id]):
                     found.setdefault(c, (time.perf_counter() - start, execs))
     return found
 
@@ -87,7 +105,7 @@ def without_feedback(seed: int, limit_s: float) -> dict[str, tuple[float, int]]:
 def table(seeds: list[int], limit_s: float, log=lambda *a: None) -> str:
     runs = {"feedback": [], "none": []}
     for s in seeds:
-        runs["feedback"].append(with_feedback(s, limit_s))
+        runs["feedback"].append(with_feedback(s, limit_s, log))
         runs["none"].append(without_feedback(s, limit_s))
         log(f"seed {s}: with feedback {runs['feedback'][-1]}; without {runs['none'][-1]}")
 

@@ -1,14 +1,27 @@
 """`stepfuzz status DIR` and `stepfuzz plot DIR`: read a campaign's crash directory."""
 from __future__ import annotations
 
-import html
 import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from stepfuzz.fuzz.findings.store import crash_records, read_json
+from stepfuzz.fuzz.findings.crashdir import Finding, UnreadableRecord, scan
+from stepfuzz.fuzz.findings.store import read_json
+
+
+class NotACampaign(ValueError):
+    """A directory without a campaign's statistics; str() is one line."""
+
+
+@dataclass
+class Status:
+    """`stepfuzz status`: the text, and the findings that could not be read
+    (each named, for a warning; the text shows all the others)."""
+    text: str
+    unreadable: list[UnreadableRecord] = field(default_factory=list)
 
 
 def stats(crashes: Path) -> list[dict]:
@@ -23,8 +36,9 @@ def stats(crashes: Path) -> list[dict]:
     return out
 
 
-def divergences(crashes: Path) -> list[dict]:
-    return [{**info, "dir": str(d)} for d, info in crash_records(crashes)]
+def divergences(crashes: Path) -> tuple[list[Finding], list[UnreadableRecord]]:
+    found = scan(crashes)
+    return found.findings, found.unreadable
 
 
 def _alive(pid: int) -> bool:
@@ -35,10 +49,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def status(crashes: Path) -> str:
+def status(crashes: Path) -> Status:
     camp = read_json(crashes / "campaign.json") or {}
     records = stats(crashes)
-    divs = divergences(crashes)
+    divs, unreadable = divergences(crashes)
     workers = [read_json(p) or {} for p in (crashes / ".workers").glob("*.json")]
     running = [w for w in workers if not w.get("final") and _alive(w.get("pid"))
                and time.time() - w.get("updated", 0) < 60]
@@ -50,40 +64,23 @@ def status(crashes: Path) -> str:
     if last:
         lines.append(f"  elapsed {last['elapsed_s']:.0f} s, {last['execs']:,} execs ({last['execs_per_s']:.0f}/s at the last record), "
                      f"corpus {last['corpus']}, cov {last['cov']}, ft {last['ft']}, rss {last['rss_mb']} MB")
-    by_era = Counter(d["era"] for d in divs)
-    lines.append(f"  {len(divs)} unique divergences: " + (" ".join(f"{k}:{v}" for k, v in sorted(by_era.items())) or "none"))
-    for d in sorted(divs, key=lambda d: (d["era"], d["kind"], d["signature"])):
-        lines.append(f"    {d['signature']:<48} x{d.get('count', 0):<7} first {d.get('first_seen', '?')}  "
-                     f"{d.get('case_insns', '?')} insns  {d['dir']}")
+    by_era = Counter(e for f in divs for e in (f.record.eras or {f.record.era: 1}))
+    lines.append(f"  {len(divs)} crash directories (root causes; `stepfuzz triage` groups older ones), seen on: "
+                 + (" ".join(f"{k}:{v}" for k, v in sorted(by_era.items())) or "none"))
+    for f in sorted(divs, key=lambda f: (f.record.root_signature or "~" + f.record.signature)):
+        r = f.record
+        name = r.root_signature or f"{r.signature} (per-era, before root causes)"
+        lines.append(f"    {name:<48} x{r.count:<7} first {r.first_seen}  "
+                     f"{r.case_insns} insns  {f.dir}")
     errors = list((crashes / ".oracle-errors").glob("*")) if (crashes / ".oracle-errors").exists() else []
     if errors:
         lines.append(f"  {len(errors)} oracle error(s) (stepfuzz bugs) in {crashes / '.oracle-errors'}")
-    return "\n".join(lines)
-
-
-def _chart(title: str, points: list[tuple[float, float]], width: int = 640, height: int = 200) -> str:
-    if not points:
-        return f"<h2>{html.escape(title)}</h2><p>no data</p>"
-    xmax = max(x for x, _ in points) or 1
-    ymax = max(y for _, y in points) or 1
-    pad = 40
-    coords = " ".join(f"{pad + (width - 2 * pad) * x / xmax:.1f},{height - pad - (height - 2 * pad) * y / ymax:.1f}"
-                      for x, y in points)
-    return (f"<h2>{html.escape(title)}</h2><svg width='{width}' height='{height}' style='border:1px solid #ccc'>"
-            f"<polyline fill='none' stroke='#1f77b4' stroke-width='2' points='{coords}'/>"
-            f"<text x='{pad}' y='{height - 10}' font-size='12'>0 s</text>"
-            f"<text x='{width - pad - 60}' y='{height - 10}' font-size='12'>{xmax:.0f} s</text>"
-            f"<text x='2' y='{pad - 10}' font-size='12'>{ymax:,.0f}</text></svg>")
+    return Status("\n".join(lines), unreadable)
 
 
 def plot(crashes: Path, out: Path) -> None:
-    records = stats(crashes)
-    t0 = records[0]["t"] if records else 0      # wall time, so resumed campaigns line up
-    charts = [
-        _chart("executions per second", [(r["t"] - t0, r["execs_per_s"]) for r in records]),
-        _chart("coverage (libFuzzer cov)", [(r["t"] - t0, r["cov"]) for r in records]),
-        _chart("unique divergences", [(r["t"] - t0, r["unique"]) for r in records]),
-    ]
-    body = "\n".join(charts)
-    out.write_text(f"<!doctype html><meta charset='utf-8'><title>stepfuzz campaign {html.escape(str(crashes))}</title>"
-                   f"<h1>stepfuzz campaign: {html.escape(str(crashes))}</h1>{body}\n")
+    """Raises NotACampaign for a directory without stats.jsonl."""
+    if not (crashes / "stats.jsonl").exists():
+        raise NotACampaign(f"{crashes}: no stats.jsonl (not a campaign's crash directory?)")
+    from stepfuzz.fuzz.campaign.plot import write_plot
+    write_plot(stats(crashes), crashes, out)

@@ -24,7 +24,8 @@ from pathlib import Path
 from stepfuzz.oracle.case import CaseError, load_case
 from stepfuzz.oracle.realkvm import cache_root, last_line
 
-from stepfuzz.fuzz.findings.store import crash_records, now_iso, read_json, write_atomic
+from stepfuzz.fuzz.findings.crashdir import UnreadableRecord, crash_dirs, scan
+from stepfuzz.fuzz.findings.store import now_iso, read_json, write_atomic
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, looks_like_json
 
 STATS_EVERY_S = 10.0
@@ -111,12 +112,14 @@ def scan_corpus(corpus: Path) -> tuple[int, list[str]]:
 class Monitor:
     """Collects progress from libFuzzer's output and the workers' files."""
 
-    def __init__(self, cfg: Config, started: float):
+    def __init__(self, cfg: Config, started: float, warn=None):
         self.cfg, self.started = cfg, started
         self.cov = self.ft = 0
         self.recent: list[tuple[float, int]] = []     # (time, execs) over the last RATE_WINDOW_S
         self.eras: dict[str, str] = {}                # crash directory -> its era (read once)
         self.offsets: dict[Path, int] = {}            # how far each worker log has been read
+        self.unreadable: dict[str, UnreadableRecord] = {}   # crash directory -> why its record is not counted
+        self.warn = warn if warn is not None else (lambda m: print(m, file=sys.stderr, flush=True))
 
     def feed(self, line: str) -> None:
         m = LIBFUZZER_LINE.match(line)
@@ -134,13 +137,25 @@ class Monitor:
         except OSError:
             pass
 
-    def _by_era(self) -> Counter:
-        for d in self.cfg.crashes.iterdir():
-            if d.name not in self.eras and d.is_dir():
-                info = read_json(d / "divergence.json")
-                if info:
-                    self.eras[d.name] = info["era"]
-        return Counter(self.eras.values())
+    def _findings(self) -> tuple[int, Counter]:
+        """(root causes, root causes seen on each era), read afresh: a root
+        cause can meet a new era at any time.  A directory written before
+        root causes counts as its own.  One whose record cannot be read is
+        not counted; it is reported once, by name."""
+        roots: set[str] = set()
+        by_era: Counter = Counter()
+        for cd in crash_dirs(self.cfg.crashes):
+            try:
+                rec = cd.read_record()
+                self.unreadable.pop(cd.name, None)
+            except UnreadableRecord as e:
+                if cd.name not in self.unreadable:
+                    self.warn(f"stepfuzz: warning: {e}")
+                self.unreadable[cd.name] = e
+                continue
+            roots.add(rec.root_signature or cd.name)
+            by_era.update(rec.eras.keys() if rec.eras else [rec.era])
+        return len(roots), by_era
 
     def workers(self) -> list[dict]:
         out = []
@@ -157,21 +172,21 @@ class Monitor:
         self.recent = [(t, e) for t, e in self.recent if now - t <= RATE_WINDOW_S] + [(now, execs)]
         t0, e0 = self.recent[0]
         rate = (execs - e0) / (now - t0) if now - t0 >= 1 else 0.0
-        by_era = self._by_era()
+        roots, by_era = self._findings()
         return {"time": now_iso(), "t": round(now, 3), "elapsed_s": round(now - self.started, 1),
                 "execs": execs, "execs_per_s": round(rate, 1),
                 "corpus": sum(1 for p in self.cfg.corpus.rglob("*") if p.is_file()),
                 "cov": self.cov, "ft": self.ft,
                 "rss_mb": round(sum(w.get("rss_kb", 0) for w in workers) / 1024, 1),
                 "workers": len([w for w in workers if not w.get("final")]),
-                "unique": sum(by_era.values()), "by_era": dict(sorted(by_era.items()))}
+                "unique": roots, "roots": roots, "by_era": dict(sorted(by_era.items()))}
 
 
 def status_line(s: dict) -> str:
     e = int(s["elapsed_s"])
     eras = " ".join(f"{k}:{v}" for k, v in s["by_era"].items()) or "none yet"
     return (f"[{e // 3600:02d}:{e // 60 % 60:02d}:{e % 60:02d}] execs {s['execs']:,} ({s['execs_per_s']:.0f}/s)"
-            f"  corpus {s['corpus']}  cov {s['cov']}  divergences {s['unique']} ({eras})")
+            f"  corpus {s['corpus']}  cov {s['cov']}  root causes {s['unique']} (seen on {eras})")
 
 
 def run(cfg: Config) -> int:
@@ -183,7 +198,7 @@ def run(cfg: Config) -> int:
     entries, warnings = scan_corpus(cfg.corpus)
     for w in warnings:
         print(f"stepfuzz: warning: {w}", file=sys.stderr)
-    known = sum(1 for _ in crash_records(cfg.crashes))
+    known = sum(1 for _ in crash_dirs(cfg.crashes))
     resuming = (cfg.crashes / "campaign.json").exists()      # an earlier campaign ran on these directories
     started = time.time()
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -272,16 +287,15 @@ def run(cfg: Config) -> int:
 
 def summary(cfg: Config, snap: dict, started: float, say) -> None:
     say(status_line(snap))
-    new = []
-    for _, info in crash_records(cfg.crashes):
-        if info.get("first_found", {}).get("elapsed_s", -1) >= 0 and _iso_t(info["first_seen"]) >= started - 1:
-            new.append(info)
-    say(f"stepfuzz: {snap['execs']:,} executions in {snap['elapsed_s']:.0f} s; {len(new)} new divergence(s), "
+    new = [f for f in scan(cfg.crashes)
+           if f.record.first_found.elapsed_s >= 0 and _iso_t(f.record.first_seen) >= started - 1]
+    say(f"stepfuzz: {snap['execs']:,} executions in {snap['elapsed_s']:.0f} s; {len(new)} new root cause(s), "
         f"{snap['unique']} in {cfg.crashes}")
-    for info in sorted(new, key=lambda i: i["first_found"]["elapsed_s"])[:40]:
-        say(f"  {info['first_found']['elapsed_s']:>8.1f}s  {info['title']}  [{cfg.crashes / info['id']}]")
+    for f in sorted(new, key=lambda f: f.record.first_found.elapsed_s)[:40]:
+        name = f.record.root_signature or f.record.signature
+        say(f"  {f.record.first_found.elapsed_s:>8.1f}s  {name}  [{f.dir.path}]")
     if len(new) > 40:
-        say(f"  ... and {len(new) - 40} more: stepfuzz status {cfg.crashes}")
+        say(f"  ... and {len(new) - 40} more: stepfuzz triage {cfg.crashes}")
 
 
 def _iso_t(text: str) -> float:

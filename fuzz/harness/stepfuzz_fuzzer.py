@@ -45,7 +45,8 @@ from stepfuzz.oracle.run import check
 from stepfuzz.fuzz.harness import features
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, NotACase, decode_input
 
-from stepfuzz.fuzz.findings.store import CrashStore, UnstableDivergence
+from stepfuzz.fuzz.findings.store import CrashStore
+from stepfuzz.fuzz.harness.confirm import Keeper, UnstableDivergence
 from stepfuzz.fuzz.inputs.mutate import custom_crossover, custom_mutator
 from stepfuzz.fuzz.harness.workers import WorkerStats
 
@@ -60,6 +61,7 @@ CRASH_MODE = os.environ.get("STEPFUZZ_ON_DIVERGENCE", "crash" if ENGINE else "re
 # engines keep their own crash artifacts; a local crash store only where asked for
 STORE = CrashStore(os.environ.get("STEPFUZZ_CRASHES", "crashes"),
                    started=float(os.environ.get("STEPFUZZ_STARTED", time.time())))
+KEEPER = Keeper(STORE)        # confirms (checks again, whole) what the store keeps
 _RAISERS: dict[str, object] = {}
 
 
@@ -73,7 +75,7 @@ def _raise_divergence(signature: str) -> None:
         exec(f"def {name}(signature):\n    raise DivergenceFound(signature)\n", namespace)
         raiser = _RAISERS[signature] = namespace[name]
     raiser(signature)
-MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", MAX_STEPS_BOUND))
+INPUT_MAX_STEPS = int(os.environ.get("STEPFUZZ_MAX_STEPS", MAX_STEPS_BOUND))
 STATS = WorkerStats(STORE.root, STORE.started)
 
 
@@ -81,7 +83,7 @@ def test_one_input(data: bytes) -> None:
     if _STOP:
         _stop()
     try:
-        results = check(decode_input(data).bounded(MAX_STEPS), ERAS, first_divergence_only=True)
+        results = check(decode_input(data).bounded(INPUT_MAX_STEPS), ERAS, first_divergence_only=True)
     except NotACase:
         return                  # a broken JSON seed: `stepfuzz fuzz` warned about it
     except Exception as e:      # an oracle bug (decoding included): keep the input, go on
@@ -90,19 +92,26 @@ def test_one_input(data: bytes) -> None:
     features.observe(results)
     new = []
     for r in results:
+        if r.divergence is None:
+            continue
         try:
-            if r.divergence is not None and STORE.record(r, STATS.execs):
-                new.append(r.divergence.signature)
+            root = KEEPER.record(r, STATS.execs)
         except UnstableDivergence as e:     # an oracle bug too: keep the input
             STATS.keep_error(data, e)
+            continue
+        except Exception as e:              # attributing it failed: an oracle bug
+            STATS.keep_error(data, e)
+            continue
+        if root is not None:
+            new.append(root)
     STATS.tick(len(STORE.seen))
     if CRASH_MODE and new:
-        STORE.flush()
+        KEEPER.flush()
         _raise_divergence(new[0])
 
 
 def _at_exit(_arg=None) -> None:
-    STORE.flush()
+    KEEPER.flush()
     STATS.write(len(STORE.seen), final=True)
 
 
