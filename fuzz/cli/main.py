@@ -9,7 +9,8 @@ from pathlib import Path
 from stepfuzz.oracle.case import CaseError, load_case
 from stepfuzz.oracle.kvm.eras import ERAS
 
-from stepfuzz.fuzz.cli.common import (EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, eras_arg, existing_dirs, fail,
+from stepfuzz.fuzz.cli.common import (EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, add_all_rows, add_era, add_json,
+                                      add_max_steps, check_max_steps, eras_arg, existing_dirs, fail,
                                       load_cases)
 
 # ---------------------------------------------------------------- commands
@@ -66,13 +67,16 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.campaign.supervisor import Config, parse_duration, run
     eras_arg(args.era)
     try:
-        seconds = parse_duration(args.time) if args.time else None
+        seconds = parse_duration(args.time) if args.time is not None else None
     except ValueError as e:
         fail(str(e))
+    if args.time is not None and seconds is None:
+        fail(f"--time {args.time!r}: not a duration (examples: 90, 30s, 5m, 8h, 1h30m)")
     if seconds is None and args.runs is None:
         seconds = 60.0
     if args.jobs < 1:
         fail("--jobs must be at least 1")
+    check_max_steps(args.max_steps)
     return run(Config(eras=args.era, seconds=seconds, runs=args.runs, jobs=args.jobs, corpus=Path(args.corpus),
                       crashes=Path(args.crashes), seed=args.seed, max_steps=args.max_steps,
                       code_coverage=args.code_coverage, extra=args.libfuzzer or []))
@@ -81,17 +85,21 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.campaign.status import status
     (d,) = existing_dirs([args.dir], "campaign")
-    print(status(d))
+    s = status(d)
+    for e in s.unreadable:
+        print(f"stepfuzz: warning: {e}", file=sys.stderr)
+    print(s.text)
     return EXIT_AGREE
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from stepfuzz.fuzz.campaign.status import plot
+    from stepfuzz.fuzz.campaign.status import NotACampaign, plot
     d = Path(args.dir)
-    if not (d / "stats.jsonl").exists():
-        fail(f"{d}: no stats.jsonl (not a campaign's crash directory?)")
     out = Path(args.output or d / "plot.html")
-    plot(d, out)
+    try:
+        plot(d, out)
+    except NotACampaign as e:
+        fail(str(e))
     print(out)
     return EXIT_AGREE
 
@@ -106,61 +114,67 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     import time
     from dataclasses import replace
 
-    from stepfuzz.fuzz.findings.store import crash_records, read_json, write_atomic
+    from stepfuzz.fuzz.findings.crashdir import BadTarget, UnreadableRecord, minimize_jobs, write_atomic
     from stepfuzz.fuzz.findings.minimize import NotDivergent, describe, minimize
     from stepfuzz.fuzz.findings.report import readable
-    target = Path(args.target)
     if args.era and len(eras_arg(args.era)) != 1:
         fail(f"--era {args.era}: name one era (a case is minimized for the divergence of one era)")
-    if target.is_dir():
-        own = read_json(target / "divergence.json")
-        records = [(target, own)] if own else list(crash_records(target))
-        jobs = [(d / "case.json", d.name, info.get("era"), d / "minimized.json") for d, info in records]
-        if not jobs:
-            fail(f"{target}: neither a crash directory nor a directory of them (*/divergence.json)")
-    else:
-        if not args.era:
-            fail("--era is needed for a single case")
-        out = Path(args.output) if args.output else target.with_name(target.stem + ".min.json")
-        jobs = [(target, str(target), args.era, out)]
+    try:
+        jobs, unreadable = minimize_jobs(Path(args.target), args.era, args.output)
+    except (BadTarget, UnreadableRecord) as e:
+        fail(str(e))
     status = EXIT_AGREE
-    for path, label, era_id, out in jobs:
+    for e in unreadable:
+        print(f"stepfuzz: warning: {e}", file=sys.stderr)
+        status = EXIT_BAD
+    for job in jobs:
         try:
-            case = load_case(path)
+            case = load_case(job.case)
         except CaseError as e:
             print(f"stepfuzz: {e}", file=sys.stderr)
             status = EXIT_BAD
             continue
-        if not (args.era or era_id):
-            print(f"stepfuzz: {path.parent / 'divergence.json'}: names no era", file=sys.stderr)
-            status = EXIT_BAD
-            continue
-        era = eras_arg(args.era or era_id)[0]
+        era = eras_arg(job.era)[0]
         t = time.perf_counter()
         try:
-            small, m = minimize(case, era, log=(lambda s: print(s)) if args.verbose else (lambda s: None))
+            small, m = minimize(case, era, log=(lambda s: print(s)) if args.verbose else (lambda s: None),
+                                max_seconds=args.max_seconds, max_shrinks=args.max_shrinks, max_checks=args.max_checks)
         except NotDivergent as e:
-            print(f"stepfuzz: {path}: {e}", file=sys.stderr)
+            print(f"stepfuzz: {job.case}: {e}", file=sys.stderr)
             status = EXIT_BAD
             continue
         small = readable(replace(small, name=f"{m.signature}, minimized" + (f" from: {case.name}" if case.name else "")))
-        write_atomic(out, small.dumps())
-        print(f"{label}: {m.signature}: {describe(case)} -> {describe(small)} "
-              f"({m.checks} checks, {time.perf_counter() - t:.2f} s) -> {out}")
+        write_atomic(job.out, small.dumps())
+        print(f"{job.label}: {m.signature}: {describe(case)} -> {describe(small)} "
+              f"({m.checks} checks, {time.perf_counter() - t:.2f} s"
+              + (f"; stopped by {m.stopped}, maybe not minimal" if m.stopped else "") + f") -> {job.out}")
     return status
 
 
 def cmd_triage(args: argparse.Namespace) -> int:
-    from stepfuzz.fuzz.findings.triage import collect, markdown, to_html
+    from stepfuzz.fuzz.findings.triage import collect, json_lines, markdown, write_html
     (d,) = existing_dirs([args.dir], "crash")
-    buckets = collect(d)
     if args.kernels:
-        from stepfuzz.fuzz.cli.kvm import triage_on_kernels
-        triage_on_kernels(buckets, args.kernels.split(","))
+        from stepfuzz.oracle.realkvm import RealKvmError, kernels
+        for name in args.kernels.split(","):          # every kernel known before the first boots
+            try:
+                kernels.target(name, native=False) if name != "host" else None
+            except RealKvmError as e:
+                fail(f"--kernels {name}: {e}")
+    found = collect(d)
+    for e in found.unreadable:
+        print(f"stepfuzz: warning: {e}", file=sys.stderr)
+    rows = found.rows
+    if args.kernels:
+        from stepfuzz.fuzz.findings.on_kernels import NotConfirmable, triage_on_kernels
+        try:
+            triage_on_kernels(rows, args.kernels.split(","))
+        except (NotConfirmable, CaseError) as e:
+            fail(str(e))
     title = f"stepfuzz triage: {d}"
     if args.html:
-        Path(args.html).write_text(to_html(buckets, title))
-    print(markdown(buckets, title), end="")
+        write_html(rows, title, Path(args.html))
+    print(json_lines(rows) if args.json else markdown(rows, title), end="")
     return EXIT_AGREE
 
 
@@ -222,6 +236,7 @@ def cmd_export_corpus(args: argparse.Namespace) -> int:
 def cmd_corpus_merge(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.campaign.merge import corpus_merge
     eras_arg(args.era)
+    check_max_steps(args.max_steps)
     sources = existing_dirs(args.dirs, "corpus")
     try:
         r = corpus_merge(sources, Path(args.output), args.era, args.max_steps, log=lambda m: print(m, file=sys.stderr))
@@ -234,9 +249,15 @@ def cmd_corpus_merge(args: argparse.Namespace) -> int:
 
 def cmd_crashes_merge(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.campaign.merge import crashes_merge
+    from stepfuzz.fuzz.campaign.merge import SameDirectory
     sources = existing_dirs(args.dirs, "crash")
-    r = crashes_merge(sources, Path(args.output))
-    print(f"{args.output}: {r['signatures']} signatures ({r['merged_duplicates']} found on more than one machine)")
+    try:
+        r = crashes_merge(sources, Path(args.output))
+    except SameDirectory as e:
+        fail(str(e))
+    for e in r.unreadable:
+        print(f"stepfuzz: warning: {e}", file=sys.stderr)
+    print(f"{args.output}: {r.signatures} root causes ({r.merged_duplicates} findings merged into one found elsewhere)")
     return EXIT_AGREE
 
 
@@ -251,15 +272,14 @@ def cmd_eras(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND
     p = argparse.ArgumentParser(prog="stepfuzz", description="Differential fuzzer for KVM/arm64 guest single-step.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run cases through the reference and era models")
     r.add_argument("cases", nargs="+", metavar="CASE", help="case files or directories of them")
-    r.add_argument("--era", default="all", help="era id, comma-separated ids, or all (default)")
-    r.add_argument("--json", action="store_true", help="one JSON object per case and era")
-    r.add_argument("--all", action="store_true", help="show every stop of long traces")
+    add_era(r)
+    add_json(r, "one JSON object per case and era")
+    add_all_rows(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("case", help="work with case files")
@@ -269,15 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     cc.set_defaults(func=cmd_case_check)
 
     f = sub.add_parser("fuzz", help="run a coverage-guided campaign (atheris/libFuzzer)")
-    f.add_argument("--era", default="all", help="era id, comma-separated ids, or all (default)")
+    add_era(f)
     f.add_argument("--time", help="how long: 90, 30s, 5m, 8h, 1h30m (default 60s unless --runs)")
     f.add_argument("--runs", type=int, help="stop after this many executions (per worker)")
     f.add_argument("--jobs", type=int, default=1, help="parallel workers on one shared corpus")
     f.add_argument("--corpus", default="corpus", help="corpus directory (default corpus/)")
     f.add_argument("--crashes", default="crashes", help="crash directory (default crashes/)")
     f.add_argument("--seed", type=int, help="libFuzzer seed (printed at start; reuse to repeat)")
-    f.add_argument("--max-steps", type=int, default=MAX_STEPS_BOUND,
-                   help=f"bound on any input's max_steps (default {MAX_STEPS_BOUND})")
+    add_max_steps(f, "bound on any input's max_steps")
     f.add_argument("--code-coverage", action=argparse.BooleanOptionalAction, default=False,
                    help="also guide by coverage of the era models' policy code (about a quarter fewer executions; "
                         "default: behaviour features only)")
@@ -297,12 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     mn.add_argument("target", metavar="CASE|DIR")
     mn.add_argument("--era", help="the era it diverges on (crash directories know theirs)")
     mn.add_argument("-o", "--output", help="output file (default CASE.min.json; DIR/<id>/minimized.json)")
-    mn.add_argument("-v", "--verbose", action="store_true", help="show each pass that made progress")
+    mn.add_argument("-v", "--verbose", action="store_true",
+                    help="show each shrink, and calls, shrinks and time per pass")
+    from stepfuzz.fuzz.findings.minimize import MAX_CHECKS, MAX_SECONDS, MAX_SHRINKS
+    mn.add_argument("--max-seconds", type=float, default=MAX_SECONDS, metavar="S",
+                    help=f"stop shrinking a case after this long (default {MAX_SECONDS:g})")
+    mn.add_argument("--max-shrinks", type=int, default=MAX_SHRINKS, metavar="N",
+                    help=f"... after this many successful shrinks (default {MAX_SHRINKS})")
+    mn.add_argument("--max-checks", type=int, default=MAX_CHECKS, metavar="N",
+                    help=f"... after this many checks (default {MAX_CHECKS})")
     mn.set_defaults(func=cmd_minimize)
 
     tr = sub.add_parser("triage", help="group a crash directory by root cause; Markdown (and HTML) report")
     tr.add_argument("dir", nargs="?", default="crashes", metavar="DIR")
     tr.add_argument("--html", metavar="FILE", help="also write an HTML report")
+    add_json(tr, "one JSON object per root cause, instead of Markdown")
     tr.add_argument("--kernels", help="comma-separated real kernels to replay the smallest reproducers on")
     tr.set_defaults(func=cmd_triage)
 
@@ -311,9 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmm = cmsub.add_parser("merge", help="combine and minimize corpora (libFuzzer -merge=1; resumable)")
     cmm.add_argument("dirs", nargs="+", metavar="DIR")
     cmm.add_argument("-o", "--output", required=True, metavar="OUT")
-    cmm.add_argument("--era", default="all", help="the eras whose behaviour counts (default all)")
-    cmm.add_argument("--max-steps", type=int, default=MAX_STEPS_BOUND,
-                     help=f"bound on any input's max_steps, as in the campaigns (default {MAX_STEPS_BOUND})")
+    add_era(cmm, help="the eras whose behaviour counts (default all)")
+    add_max_steps(cmm, "bound on any input's max_steps, as in the campaigns")
     cmm.set_defaults(func=cmd_corpus_merge)
 
     cr = sub.add_parser("crashes", help="work with crash directories")
@@ -324,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     crm.set_defaults(func=cmd_crashes_merge)
 
     bn = sub.add_parser("bench", help="cost of a differential check next to raw Unicorn, and campaign speed")
-    bn.add_argument("--json", action="store_true", help="one JSON object")
+    add_json(bn, "one JSON object")
     bn.add_argument("--campaign", type=float, default=30.0, help="seconds of real campaign to time (default 30)")
     bn.set_defaults(func=cmd_bench)
 

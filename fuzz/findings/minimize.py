@@ -29,8 +29,10 @@ written for cases rather than choice sequences:
   in total) and the first few are kept with the candidate's text; the
   candidate counts as not interesting.
 
-What "interesting" means is one function, `same_divergence`, which
-`minimize` takes as a parameter.  Deterministic: no randomness anywhere, the
+What "interesting" means is one function that `minimize` takes as a
+parameter: by default `same_root_cause` (the same mechanism and symptom, so
+incidental events and traps can go), or `same_divergence` (the same per-era
+signature).  Deterministic: no randomness anywhere, the
 same case and era give the same result (unless the time bound stops it).
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Callable
 
 from stepfuzz.oracle.case import DEFAULT_MAX_STEPS, EVENT_RULES, INSN_EVENTS, REG_NAMES, REGION_KINDS, Case
 from stepfuzz.oracle.isa import decode
+from stepfuzz.oracle.kvm.attribute import SYMPTOM, attribute, root_cause
 from stepfuzz.oracle.kvm.eras import Era
 from stepfuzz.oracle.run import Result, check
 
@@ -80,6 +83,28 @@ def same_divergence(original: Result) -> Predicate:
     def interesting(r: Result) -> bool:
         return (r.divergence is not None and r.divergence.signature == signature
                 and (visible(r) or not keep_visible))
+    return interesting
+
+
+def root_of(r: Result) -> str:
+    """The root cause signature of a divergent result (attribution runs the era
+    a few times more)."""
+    return root_cause(attribute(r.case, r.era, r.divergence), r.divergence).signature
+
+
+def same_root_cause(original: Result) -> Predicate:
+    """The interestingness test campaigns' findings are minimized with: the
+    era still diverges with the same root cause -- the mechanism and the
+    symptom, not the incidental events of the window, which can therefore be
+    dropped -- and visibly in the stop PCs if the original was.  The cheap
+    tests come first: most candidates fail them and are never attributed."""
+    root, keep_visible = root_of(original), visible(original)
+    kind = SYMPTOM.get(original.divergence.kind, original.divergence.kind)
+
+    def interesting(r: Result) -> bool:
+        d = r.divergence
+        return (d is not None and SYMPTOM.get(d.kind, d.kind) == kind and (visible(r) or not keep_visible)
+                and root_of(r) == root)
     return interesting
 
 
@@ -183,6 +208,18 @@ class Stats:
         return "\n".join(rows)
 
 
+def change(a: Case, b: Case) -> str:
+    """What a shrink did, in a few words (the -v log)."""
+    if size(a) != size(b):
+        return f"{describe(a)} -> {describe(b)}"
+    what = [f"insn {i + 1}: {x:#010x} -> {y:#010x}" for i, (x, y) in enumerate(zip(a.words, b.words)) if x != y]
+    what += [f"event {i + 1}: {x.when} {x.at} -> {y.at}" for i, (x, y) in enumerate(zip(a.events, b.events)) if x != y]
+    what += [f"{k}: {x:#x} -> {y:#x}" for (k, x), (_, y) in zip(a.regs, b.regs) if x != y]
+    what += [f"region {x.base:#x}: prefault" for x, y in zip(a.memory, b.memory) if x != y]
+    what += [f"{k}: {getattr(a, k)} -> {getattr(b, k)}" for k in ("mmio_read", "max_steps") if getattr(a, k) != getattr(b, k)]
+    return ", ".join(what) or "(same)"
+
+
 class _Stop(Exception):
     """A bound is reached: the shrinker stops where it is."""
 
@@ -230,6 +267,8 @@ class Shrinker:
         if key == self.key:
             return True
         if key > self.key:
+            # Only strictly smaller cases are ever accepted: that is what
+            # guarantees termination (no cycle; see the module docstring).
             return False
         text = key[-1]
         ok = self.cache.get(text)
@@ -239,7 +278,7 @@ class Shrinker:
             self.stats.cache_hits += 1
             self.current.cached += 1
         if ok:
-            self.log(f"  {self.current.name}: {describe(self.case)} -> {describe(cand)}")
+            self.log(f"  {self.current.name}: {change(self.case, cand)}")
             self.case, self.key = cand, key
             self.stats.shrinks += 1
             self.current.shrinks += 1
@@ -247,12 +286,13 @@ class Shrinker:
                 self.on_shrink(cand)
         return ok
 
-    def run(self) -> None:
+    def run(self, passes: tuple[tuple[str, Callable[["Shrinker"], None]], ...]) -> None:
+        """Rounds of all the passes until one makes no progress (or a bound stops it)."""
         try:
             while True:
                 self.stats.rounds += 1
                 before = self.stats.shrinks
-                for name, shrink_pass in PASSES:
+                for name, shrink_pass in passes:
                     self.current = self.stats.passes.setdefault(name, PassStats(name))
                     t = time.perf_counter()
                     try:
@@ -289,11 +329,18 @@ def find_integer(f: Callable[[int], bool], limit: int) -> int:
 
 
 def lower(value: int, attempt: Callable[[int], bool], floor: int = 0) -> None:
-    """Lower a number toward `floor`: the floor itself, floor + 1, then the
-    largest decrease that works, by `find_integer` (each attempt is with a
-    smaller value than the last that worked)."""
+    """Lower a number toward `floor`, by bisections (`find_integer`): try the
+    floor itself and floor + 1; then clear as many low bits as works (an
+    address inside a region goes to a round one, often the region's base);
+    then shift right as far as works (a large value goes to the smallest
+    power of two that will do in a few checks, not 64); then subtract as
+    much as works.  Every attempt is with a smaller value than the last that
+    worked, and an attempt with the current value costs no check."""
     if value <= floor or attempt(floor) or value == floor + 1 or attempt(floor + 1):
         return
+    for smaller in (lambda v, j: v >> j << j, lambda v, j: v >> j):
+        j = find_integer(lambda j: smaller(value, j) >= floor + 2 and attempt(smaller(value, j)), value.bit_length())
+        value = smaller(value, j)
     find_integer(lambda d: attempt(value - d), value - floor - 2)
 
 
@@ -309,9 +356,11 @@ def _set(items: tuple, i: int, item) -> tuple:
 # next item too was the search's first failure.
 
 def _delete_runs(s: Shrinker, name: str, deletable: Callable[[Case, int], bool] = lambda c, i: True,
-                 keep: int = 0, build: Callable[[Case, int, int], Case] | None = None) -> None:
-    """Delete runs of the items in field `name`, adaptively (find_integer)."""
-    build = build or (lambda c, i, k: replace(c, **{name: getattr(c, name)[:i] + getattr(c, name)[i + k:]}))
+                 keep: int = 0, builds: tuple[Callable[[Case, int, int], Case], ...] = ()) -> None:
+    """Delete runs of the items in field `name`, adaptively (find_integer).
+    `builds`: ways to build the candidate without items[i:i+k], each tried
+    (from the same position) when the ones before it delete nothing."""
+    builds = builds or (lambda c, i, k: replace(c, **{name: getattr(c, name)[:i] + getattr(c, name)[i + k:]}),)
     i = 0
     while i < len(getattr(s.case, name)):
         base = s.case
@@ -320,8 +369,8 @@ def _delete_runs(s: Shrinker, name: str, deletable: Callable[[Case, int], bool] 
         while i + n < len(items) and deletable(base, i + n):
             n += 1
         n = min(n, len(items) - keep)
-        if n and find_integer(lambda k: s.consider(build(base, i, k)), n):
-            continue
+        if n and any(find_integer(lambda k: s.consider(build(base, i, k)), n) for build in builds):
+            continue              # stay here: the item at i is a new one
         i += 1
 
 
@@ -342,13 +391,41 @@ def drop_trailing_nops(s: Shrinker) -> None:
     s.consider(replace(s.case, words=words))
 
 
+def _plain(case: Case, i: int, k: int) -> Case:
+    """words[i:i+k] deleted, the events left as they are."""
+    return replace(case, words=case.words[:i] + case.words[i + k:])
+
+
 def delete_instructions(s: Shrinker) -> None:
-    _delete_runs(s, "words", keep=1, build=_retimed)
+    """Delete runs of instructions, with the events timed by an instruction
+    moved along, or if that deletes nothing, left alone (as a shorter
+    program may need them: the same candidate when no event is moved, so
+    the cache answers it)."""
+    _delete_runs(s, "words", keep=1, builds=(_retimed, _plain))
 
 
-def delete_instructions_plain(s: Shrinker) -> None:
-    """As delete_instructions, leaving the events' times alone."""
-    _delete_runs(s, "words", keep=1)
+def _delete_blocks(s: Shrinker, name: str, keep: int = 0, build=None) -> None:
+    """Delete aligned blocks of the items in field `name`, halving the block
+    size from half the items down to 2 (delta debugging's coarse steps): what
+    can only go together, such as an instruction and the one that uses its
+    result, which deleting runs from the left one by one cannot find.  Run
+    after the adaptive deletions, on a case they have already made small."""
+    build = build or (lambda c, i, k: replace(c, **{name: getattr(c, name)[:i] + getattr(c, name)[i + k:]}))
+    block = len(getattr(s.case, name)) // 2
+    while block >= 2:
+        i = 0
+        while i + block <= len(getattr(s.case, name)):
+            if len(getattr(s.case, name)) - block < keep or not s.consider(build(s.case, i, block)):
+                i += block
+        block //= 2
+
+
+def delete_instruction_blocks(s: Shrinker) -> None:
+    _delete_blocks(s, "words", keep=1, build=_retimed)
+
+
+def drop_event_blocks(s: Shrinker) -> None:
+    _delete_blocks(s, "events")
 
 
 def drop_events(s: Shrinker) -> None:
@@ -380,7 +457,7 @@ def nop_instructions(s: Shrinker) -> None:
 # without changing what the instruction is to the hypervisor.  Branches are
 # left alone: offset 0 is a branch to itself.
 _IMMEDIATES = (
-    (0x1F000000, 0x11000000, 0x007FFC00),   # add/sub (immediate): imm12, shift
+    (0x1F800000, 0x11000000, 0x007FFC00),   # add/sub (immediate): imm12, shift
     (0x1F800000, 0x12800000, 0x007FFFE0),   # movz/movn/movk: imm16, hw
     (0x3B000000, 0x39000000, 0x003FFC00),   # load/store, unsigned offset: imm12
     (0x3B200000, 0x38000000, 0x001FF000),   # load/store, unscaled / pre / post / unprivileged: imm9
@@ -438,8 +515,9 @@ def simplify_values(s: Shrinker) -> None:
 PASSES: tuple[tuple[str, Callable[[Shrinker], None]], ...] = (
     ("drop trailing nops", drop_trailing_nops),
     ("delete instructions", delete_instructions),
-    ("delete instructions (plain)", delete_instructions_plain),
     ("drop events", drop_events),
+    ("delete instruction blocks", delete_instruction_blocks),
+    ("drop event blocks", drop_event_blocks),
     ("replace instructions by nop", nop_instructions),
     ("drop memory regions", drop_regions),
     ("drop registers", drop_registers),
@@ -451,23 +529,36 @@ PASSES: tuple[tuple[str, Callable[[Shrinker], None]], ...] = (
 )
 
 
+PASS_NAMES = tuple(name for name, _ in PASSES)
+
+
 def minimize(case: Case, era: Era, log: Callable[[str], None] = lambda m: None, *,
              max_seconds: float = MAX_SECONDS, max_shrinks: int = MAX_SHRINKS, max_checks: int = MAX_CHECKS,
-             predicate: Callable[[Result], Predicate] = same_divergence,
+             predicate: Callable[[Result], Predicate] = same_root_cause,
+             passes: tuple[str, ...] = PASS_NAMES,
              on_shrink: Callable[[Case], None] | None = None) -> tuple[Case, Stats]:
     """The smallest case (by `sort_key`) the passes find that is still
     interesting (`predicate(original result)`), and the statistics.
-    `on_shrink` sees every case accepted, in order."""
+
+    `log` gets a line per shrink and, at the end, the statistics table.
+    Bounds, on the whole minimization: `max_seconds` (checked between
+    checks, never inside one), `max_shrinks`, `max_checks` (the original's
+    check included).  `passes`: the names of the passes to run (default all,
+    in PASS_NAMES order).  `on_shrink` sees every case accepted, in order."""
+    unknown = [p for p in passes if p not in PASS_NAMES]
+    if unknown:
+        raise ValueError(f"unknown pass {unknown[0]!r} (known: {', '.join(PASS_NAMES)})")
     t = time.perf_counter()
     (r,) = check(case, [era])
     if r.divergence is None:
         raise NotDivergent(f"does not diverge on era {era.id}")
-    stats = Stats(era.id, r.divergence.signature, visible(r), checks=1)
+    stats = Stats(era.id, root_of(r) if predicate is same_root_cause else r.divergence.signature, visible(r),
+                  checks=1)
     # a smaller case is a new case: what the original was expected to show no longer holds
     case = replace(case, asm=None, expect=())
     s = Shrinker(case, era, predicate(r), stats, max_seconds=max_seconds, max_shrinks=max_shrinks,
                  max_checks=max_checks, log=log, on_shrink=on_shrink)
-    s.run()
+    s.run(tuple(p for p in PASSES if p[0] in passes))
     stats.seconds = time.perf_counter() - t
     log(stats.table())
     return s.case, stats
