@@ -13,6 +13,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
+from .vocabulary import DivergenceKind
+
 FORMAT_VERSION = 1
 PAGE = 0x1000
 IPA_LIMIT = 1 << 40          # KVM's default stage-2 input range (40 bits)
@@ -39,8 +41,7 @@ TOP_FIELDS = ("stepfuzz", "name", "code", "regs", "memory", "mmio_read",
               "events", "max_steps", "expect")
 # `expect` (optional): what a seed case is known to show, era -> "agree" or a
 # divergence kind; tests and `stepfuzz run` check it.
-EXPECT_VALUES = ("agree", "zero-step", "multi-step", "skipped-instruction", "pc-mismatch",
-                 "missing-stop", "extra-stop", "outcome-mismatch", "state-mismatch")
+EXPECT_VALUES = ("agree", *DivergenceKind)
 
 
 class CaseError(ValueError):
@@ -130,6 +131,17 @@ class Case:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
+    @property
+    def insn_timed(self) -> bool:
+        """Does it need an event timed by a guest instruction?  No VMM can
+        time one, so such a case reproduces in the models only."""
+        return any(e.when in INSN_EVENTS for e in self.events)
+
+    def keep_key(self) -> tuple[bool, int]:
+        """Which of two cases of one finding to keep: one a VMM can reproduce,
+        then the smaller."""
+        return (self.insn_timed, len(self.words))
+
     def with_words(self) -> "Case":
         """The same case with its code as words (drops the assembly text)."""
         from dataclasses import replace
@@ -144,6 +156,29 @@ class Case:
 
 # ---------------------------------------------------------------- parsing
 
+MAX_CASE_BYTES = 16 << 20     # a case file larger than this is refused unread
+
+
+def _show(value: Any) -> str:
+    """A value as an error message quotes it: short, one line, printable."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text(value: Any, src: str, where: str, one_line: bool = False) -> str:
+    """A string field: valid Unicode (no lone surrogates), and for one-line
+    fields no control characters (they would reach terminals and reports)."""
+    if not isinstance(value, str):
+        raise CaseError(src, where, f"expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CaseError(src, where, "not valid Unicode (a lone surrogate)") from None
+    if one_line and any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        raise CaseError(src, where, "control characters are not allowed")
+    return value
+
+
 def _num(value: Any, src: str, where: str, bits: int = 64) -> int:
     if isinstance(value, bool):
         raise CaseError(src, where, f"expected a number, got {json.dumps(value)}")
@@ -154,11 +189,11 @@ def _num(value: Any, src: str, where: str, bits: int = 64) -> int:
         try:
             n = int(text, 16) if text.startswith("0x") else int(text, 10)
         except ValueError:
-            raise CaseError(src, where, f"not a number: {value!r}") from None
+            raise CaseError(src, where, f"not a number: {_show(value)}") from None
     else:
         raise CaseError(src, where, f"expected a number, got {type(value).__name__}")
     if not 0 <= n < (1 << bits):
-        raise CaseError(src, where, f"{value!r} is outside 0..2^{bits}-1")
+        raise CaseError(src, where, f"{_show(value)} is outside 0..2^{bits}-1")
     return n
 
 
@@ -167,7 +202,8 @@ def _obj(value: Any, src: str, where: str, allowed: Iterable[str]) -> dict[str, 
         raise CaseError(src, where, f"expected an object, got {type(value).__name__}")
     unknown = sorted(set(value) - set(allowed))
     if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        key = unknown[0] if unknown[0].isprintable() and len(unknown[0]) <= 40 else _show(unknown[0])
+        name = f"{where}.{key}" if where else key
         raise CaseError(src, name, f"unknown field (allowed: {', '.join(allowed)})")
     return value
 
@@ -184,11 +220,10 @@ def parse_case(data: Any, source: str = "<case>") -> Case:
     top = _obj(data, src, "", TOP_FIELDS)
     if "stepfuzz" not in top:
         raise CaseError(src, "stepfuzz", "missing (the format version, 1)")
-    if top["stepfuzz"] != FORMAT_VERSION:
-        raise CaseError(src, "stepfuzz", f"unsupported format version {top['stepfuzz']!r} (this stepfuzz reads {FORMAT_VERSION})")
-    name = top.get("name", "")
-    if not isinstance(name, str):
-        raise CaseError(src, "name", "expected a string")
+    if type(top["stepfuzz"]) is not int or top["stepfuzz"] != FORMAT_VERSION:
+        raise CaseError(src, "stepfuzz", f"unsupported format version {_show(top['stepfuzz'])} "
+                        f"(this stepfuzz reads {FORMAT_VERSION})")
+    name = _text(top.get("name", ""), src, "name", one_line=True)
 
     if "code" not in top:
         raise CaseError(src, "code", "missing")
@@ -202,9 +237,7 @@ def parse_case(data: Any, source: str = "<case>") -> Case:
         raise CaseError(src, "code", "needs exactly one of 'asm' and 'words'")
     asm_text: str | None = None
     if "asm" in code:
-        asm_text = code["asm"]
-        if not isinstance(asm_text, str):
-            raise CaseError(src, "code.asm", "expected a string")
+        asm_text = _text(code["asm"], src, "code.asm")
         from .asm import AsmError, assemble
         try:
             words = tuple(assemble(asm_text, base))
@@ -239,8 +272,8 @@ def _parse_expect(value: Any, src: str) -> tuple[tuple[str, str], ...]:
     from .kvm.eras import ERA_IDS
     table = _obj(value, src, "expect", ERA_IDS)
     for era, what in table.items():
-        if what not in EXPECT_VALUES:
-            raise CaseError(src, f"expect.{era}", f"unknown expectation {what!r} (known: {', '.join(EXPECT_VALUES)})")
+        if not isinstance(what, str) or what not in EXPECT_VALUES:
+            raise CaseError(src, f"expect.{era}", f"unknown expectation {_show(what)} (known: {', '.join(EXPECT_VALUES)})")
     return tuple((era, table[era]) for era in ERA_IDS if era in table)
 
 
@@ -253,8 +286,8 @@ def _parse_region(value: Any, src: str, i: int) -> Region:
     base = _num(r["base"], src, f"{where}.base")
     size = _num(r["size"], src, f"{where}.size")
     kind = r["kind"]
-    if kind not in REGION_KINDS:
-        raise CaseError(src, f"{where}.kind", f"unknown kind {kind!r} (known: {', '.join(REGION_KINDS)})")
+    if not isinstance(kind, str) or kind not in REGION_KINDS:
+        raise CaseError(src, f"{where}.kind", f"unknown kind {_show(kind)} (known: {', '.join(REGION_KINDS)})")
     if base % PAGE or size % PAGE or size == 0:
         raise CaseError(src, where, f"base {base:#x} and size {size:#x} must be non-zero multiples of 4 KiB")
     if base + size > IPA_LIMIT:
@@ -289,8 +322,8 @@ def _parse_event(value: Any, src: str, i: int) -> Event:
     if not isinstance(value, dict):
         raise CaseError(src, where, "expected an object")
     when = value.get("when")
-    if when not in EVENT_RULES:
-        raise CaseError(src, f"{where}.when", f"unknown trigger {when!r} (known: {', '.join(EVENT_RULES)})")
+    if not isinstance(when, str) or when not in EVENT_RULES:
+        raise CaseError(src, f"{where}.when", f"unknown trigger {_show(when)} (known: {', '.join(EVENT_RULES)})")
     key, actions = EVENT_RULES[when]
     _obj(value, src, where, ("when", key, "what"))
     if key not in value:
@@ -299,8 +332,8 @@ def _parse_event(value: Any, src: str, i: int) -> Event:
     if at < 1:
         raise CaseError(src, f"{where}.{key}", "counts from 1")
     what = value.get("what")
-    if what not in actions:
-        raise CaseError(src, f"{where}.what", f"{what!r} cannot happen at '{when}' (allowed: {', '.join(actions)})")
+    if not isinstance(what, str) or what not in actions:
+        raise CaseError(src, f"{where}.what", f"{_show(what)} cannot happen at '{when}' (allowed: {', '.join(actions)})")
     return Event(when, at, what)
 
 
@@ -309,15 +342,27 @@ def loads_case(text: str, source: str = "<case>") -> Case:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise CaseError(source, "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise CaseError(source, "", "not valid JSON here: nested too deeply") from None
+    except ValueError as e:             # e.g. an integer of more than 4300 digits
+        raise CaseError(source, "", f"not valid JSON here: {str(e).split(':')[0]}") from None
     return parse_case(data, source)
 
 
 def load_case(path: str | Path) -> Case:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CaseError(str(p), "", "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CaseError(str(p), "", f"cannot read: {e}") from None
+        # a FIFO or a device would block or never end: only regular files
+        if not p.is_file():
+            raise CaseError(str(p), "", "no such file" if not p.exists() else "not a regular file")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CASE_BYTES + 1)
+    except OSError as e:
+        raise CaseError(str(p), "", f"cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_CASE_BYTES:
+        raise CaseError(str(p), "", f"larger than {MAX_CASE_BYTES >> 20} MiB: not a case file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CaseError(str(p), "", f"not UTF-8 text (byte {e.start})") from None
     return loads_case(text, str(p))

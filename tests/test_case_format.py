@@ -76,7 +76,7 @@ def test_malformed_json_and_missing_file(write_case, tmp_path):
         load_case(tmp_path / "absent.json")
     p = tmp_path / "binary.json"
     p.write_bytes(b"\xff\xfe")              # not UTF-8 at all
-    with pytest.raises(CaseError, match="binary.json: cannot read"):
+    with pytest.raises(CaseError, match="binary.json: not UTF-8 text"):
         load_case(p)
 
 

@@ -1,0 +1,131 @@
+"""Hostile and careless input: every problem is a one-line CaseError naming
+the file, never another exception, a hang or a process abort."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make, stepfuzz
+from stepfuzz.oracle.asm import AsmError, assemble
+from stepfuzz.oracle.case import CaseError, load_case, loads_case
+
+GOOD = make("nop\nadd x0, x0, #1")
+FIELDS = ["stepfuzz", "name", "code", "regs", "memory", "mmio_read", "events", "max_steps", "expect"]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+def loads_or_case_error(text: str) -> None:
+    try:
+        loads_case(text, "hostile.json")
+    except CaseError as e:
+        message = str(e)
+        assert message.startswith("hostile.json") and "\n" not in message, message
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(FIELDS), value=json_values)
+def test_any_json_value_in_any_field(field, value):
+    loads_or_case_error(json.dumps({**GOOD, field: value}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(where=st.sampled_from(["code", "memory", "events"]), key=st.text(max_size=10), value=json_values)
+def test_any_json_value_inside_nested_fields(where, key, value):
+    data = json.loads(json.dumps(GOOD))
+    if where == "code":
+        data["code"][key or "base"] = value
+    elif where == "memory":
+        data["memory"][0][key or "kind"] = value
+    else:
+        data["events"] = [{"when": "stop", "n": 1, "what": "preempt", key or "what": value}]
+    loads_or_case_error(json.dumps(data))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"stepfuzz": 1, "max_steps": ' + "9" * 5000 + "}", "not valid JSON here"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    (json.dumps({**GOOD, "stepfuzz": 1.0}), "unsupported format version"),
+    (json.dumps({**GOOD, "stepfuzz": True}), "unsupported format version"),
+    (json.dumps({**GOOD, "events": [{"when": [], "insn": 1, "what": "host-irq"}]}), "unknown trigger"),
+    ('{"stepfuzz": 1, "name": "\\ud800"}', "lone surrogate"),
+    (json.dumps({**GOOD, "name": "x\n@@sf exit 0"}), "control characters"),
+    (json.dumps({**GOOD, "name": "\x1b[2Jred"}), "control characters"),
+    (json.dumps({**GOOD, "regs": {"x1": "0x" + "f" * 5000}}), "outside"),
+])
+def test_named_hostile_cases(text, problem):
+    with pytest.raises(CaseError, match=problem) as e:
+        loads_case(text, "h.json")
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("asm, problem", [
+    ("cbz x0, .+0x100000", "out of range"),
+    ("b 0x1000000000000", "out of range"),
+    ("b.eq .+3", "aligned"),
+    ("tbz x1, #3, .+0x8000", "out of range"),
+    ("nop\x00nop", "control character"),
+    ("adrp x0, .+0x1000", "refer to"),          # keystone encodes the wrong page
+])
+def test_assembly_that_keystone_would_abort_on_or_misassemble(asm, problem):
+    with pytest.raises(AsmError, match=problem):
+        assemble(asm, 0x10000)
+
+
+def test_an_out_of_range_branch_does_not_abort_the_process(tmp_path):
+    """keystone calls abort() on it: the command must say so in one line."""
+    bad = tmp_path / "far.json"
+    bad.write_text(json.dumps(make("nop\ncbz x0, .+0x100000")))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(GOOD))
+    p = stepfuzz("run", tmp_path, "--era", "6.14")
+    assert p.returncode == 2, p.stderr
+    assert "far.json: code.asm:" in p.stderr and "Traceback" not in p.stderr
+    assert "1 case(s) x 1 era(s)" in p.stdout       # the good one still ran
+
+
+def test_files_that_are_not_regular_are_refused_unread(tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        with pytest.raises(CaseError, match="not a regular file"):
+            load_case(path)
+    p = subprocess.run([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "case", "check", str(fifo)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "not a regular file" in p.stderr
+
+
+def test_a_huge_file_is_refused_unread(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(17 << 20)
+    with pytest.raises(CaseError, match="larger than"):
+        load_case(big)
+
+
+@pytest.mark.parametrize("args, problem", [
+    (("fuzz", "--max-steps", "0"), "--max-steps 0: must be 1.."),
+    (("fuzz", "--max-steps", "-3"), "--max-steps -3: must be 1.."),
+    (("fuzz", "--time", ""), "not a duration"),
+    (("corpus", "merge", "corpus", "-o", "OUT", "--max-steps", "-5"), "--max-steps -5"),
+    (("kvm", "run", "corpus/known", "--kernel", "6.1", "--boot-timeout", "nan"), "finite number of seconds"),
+    (("kvm", "run", "corpus/known", "--kernel", "6.1", "--boot-timeout", "inf"), "finite number of seconds"),
+    (("kvm", "exec", "x", "--kernel", "6.1", "--timeout", "-1"), "finite number of seconds"),
+])
+def test_impossible_requests_are_refused_in_one_line(args, problem, tmp_path):
+    p = stepfuzz(*[str(tmp_path / a) if a == "OUT" else a for a in args], "--crashes", tmp_path / "c") \
+        if args[0] == "fuzz" else stepfuzz(*[str(tmp_path / a) if a == "OUT" else a for a in args])
+    assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "OUT").exists()     # nothing started, nothing written
+
+
+def test_an_era_named_twice_runs_once():
+    from stepfuzz.oracle.kvm.eras import select
+    assert [e.id for e in select("6.1,6.1,arch")] == ["6.1", "arch"]
