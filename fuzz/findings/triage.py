@@ -106,16 +106,16 @@ class Row:
         return not self.root["fixed_by"]
 
     def mechanism_text(self) -> str:
-        """The policy points in a KVM developer's words."""
-        mechanism = self.root["mechanism"]
-        if mechanism == "unexplained" or self.signature.startswith("unexplained:"):
+        """The policy points in a KVM developer's words: the kernel function,
+        what it decides, and the choice that fixed it."""
+        if self.signature.startswith("unexplained:"):
             return "not explained by any policy point the era models have: a gap in the models, or an oracle bug"
         parts = []
-        for change in mechanism.split("+"):
-            name, _, value = change.partition("=")
-            point = POLICY_POINTS.get(name)
-            parts.append(f"{point.function}: {point.decides} (fixed as {name}={value})" if point else change)
-        return "; ".join(parts)
+        for point in self.root.get("points", []):
+            name, _, value = point.partition("=")
+            known = POLICY_POINTS.get(name)
+            parts.append(f"{known.function}: {known.decides} (fixed as {name}={value})" if known else point)
+        return "; ".join(parts) or self.root["mechanism"]
 
     def fixed_text(self) -> str:
         if self.new_bug_candidate:
