@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make, stepfuzz
+from conftest import REPO, make, stepfuzz
 from stepfuzz.oracle.asm import AsmError, assemble
 from stepfuzz.oracle.case import CaseError, load_case, loads_case
 
@@ -129,3 +129,68 @@ def test_impossible_requests_are_refused_in_one_line(args, problem, tmp_path):
 def test_an_era_named_twice_runs_once():
     from stepfuzz.oracle.kvm.eras import select
     assert [e.id for e in select("6.1,6.1,arch")] == ["6.1", "arch"]
+
+
+def test_outputs_never_replace_what_is_not_a_regular_file_or_an_input(tmp_path):
+    case = tmp_path / "in.json"
+    case.write_text((REPO / "corpus" / "known" / "5.0-immediate-exit-skips-insn.json").read_text())
+    before = case.read_bytes()
+    link = tmp_path / "link.c"
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    link.symlink_to(target)
+    for out, problem in ((case, "is the input"), (link, "not a regular file"), ("/dev/null", "not a regular file"),
+                         (case / "x.c", "cannot make the directory")):
+        p = stepfuzz("export", case, "--standalone", "-o", out)
+        assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = stepfuzz("minimize", case, "--era", "5.0", "-o", case)
+    assert p.returncode == 2 and "is the input" in p.stderr
+    assert case.read_bytes() == before and target.read_text() == "keep" and link.is_symlink()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    from stepfuzz.fuzz.findings.crashdir import OutputError, write_atomic
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):         # root writes anywhere: simulate with a file in the way
+            (tmp_path / "dir").mkdir()
+            with pytest.raises(OutputError, match="not a regular file"):
+                write_atomic(tmp_path / "dir", "x")
+        else:
+            with pytest.raises(OutputError, match="cannot write"):
+                write_atomic(ro / "out.txt", "x")
+        assert not list(tmp_path.rglob(".*.tmp"))
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped elsewhere)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    (mnt / "old.c").write_text("the previous report")
+    try:
+        with open(mnt / "filler", "wb") as f:          # fill it up
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+    except OSError:
+        pass
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(full_disk, tmp_path):
+    case = tmp_path / "in.json"
+    case.write_text(json.dumps(make("nop\nadd x0, x0, #1")))
+    p = stepfuzz("export", case, "--standalone", "-o", full_disk / "old.c")
+    assert p.returncode == 2 and "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert (full_disk / "old.c").read_text() == "the previous report"          # not truncated
+    assert not list(full_disk.glob(".*.tmp"))

@@ -12,6 +12,7 @@ from stepfuzz.oracle.kvm.eras import ERAS
 from stepfuzz.fuzz.cli.common import (EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, add_all_rows, add_era, add_json,
                                       add_max_steps, check_max_steps, eras_arg, existing_dirs, fail,
                                       load_cases)
+from stepfuzz.fuzz.findings.crashdir import OutputError
 
 # ---------------------------------------------------------------- commands
 
@@ -144,6 +145,8 @@ def cmd_minimize(args: argparse.Namespace) -> int:
             status = EXIT_BAD
             continue
         small = readable(replace(small, name=f"{m.signature}, minimized" + (f" from: {case.name}" if case.name else "")))
+        if job.out.resolve() == job.case.resolve():
+            fail(f"{job.out}: is the input; not replaced (give -o another file)")
         write_atomic(job.out, small.dumps())
         print(f"{job.label}: {m.signature}: {describe(case)} -> {describe(small)} "
               f"({m.checks} checks, {time.perf_counter() - t:.2f} s"
@@ -188,9 +191,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_AGREE
 
 
-def _write_c(out: Path, text: str, what: str) -> None:
+def _write_c(out: Path, text: str, what: str, inputs: tuple[Path, ...] = ()) -> None:
     from stepfuzz.fuzz.findings.store import write_atomic
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if any(out.resolve() == i.resolve() for i in inputs):
+        fail(f"{out}: is the input; not replaced")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{out.parent}: cannot make the directory: {e.strerror or e}")
     write_atomic(out, text)
     print(f"{out}: {what}")
 
@@ -211,7 +219,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for d in x.dropped:
         print(f"stepfuzz: warning: {path}: not reproducible from userspace, left out: {d}", file=sys.stderr)
     kind = "KVM selftest" if args.selftest else "standalone reproducer"
-    _write_c(Path(args.output), text, f"{kind} checking {len(x.pcs)} stops ({x.ending})")
+    _write_c(Path(args.output), text, f"{kind} checking {len(x.pcs)} stops ({x.ending})", (path,))
     return EXIT_AGREE
 
 
@@ -390,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_AGREE
+    except OutputError as e:          # an output that cannot be written: nothing half-written is left
+        print(f"stepfuzz: error: {e}", file=sys.stderr)
+        return EXIT_BAD
 
 
 if __name__ == "__main__":

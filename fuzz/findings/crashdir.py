@@ -39,14 +39,33 @@ def now_iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat(timespec="seconds")
 
 
+class OutputError(OSError):
+    """A file that cannot be written, or must not be replaced; str() is one
+    line naming it."""
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write then rename: a killed process leaves the old file or the new one,
-    never half of one.  (No fsync: that guards against power loss, not kills,
-    and costs milliseconds per file in the fuzzing loop.)"""
+    never half of one, and a failure leaves no temporary file.  Only a
+    regular file is ever replaced: a symbolic link, a device or a directory
+    at `path` is refused.  (No fsync: that guards against power loss, not
+    kills, and costs milliseconds per file in the fuzzing loop.)"""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputError(f"{path}: not a regular file: not replaced")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 def root_id(signature: str) -> str:
