@@ -194,3 +194,23 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(full_disk, tmp_
     assert p.returncode == 2 and "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert (full_disk / "old.c").read_text() == "the previous report"          # not truncated
     assert not list(full_disk.glob(".*.tmp"))
+
+
+def test_the_kernel_cache_is_verified_and_relative(tmp_path):
+    """A copied cache boots its own images; a truncated or swapped image is
+    named as corrupt, never booted under another version's name."""
+    import shutil
+    from stepfuzz.oracle.realkvm import RealKvmError, cache_root, kernels
+    src = cache_root() / "kernels" / "6.1"
+    if not (src / "kernel.json").exists():
+        pytest.skip("kernel 6.1 is not cached (stepfuzz kernels fetch 6.1)")
+    root = tmp_path / "cache"
+    shutil.copytree(src, root / "kernels" / "6.1", ignore=shutil.ignore_patterns("lists", "archives", "*.deb"))
+    k = kernels.resolve("6.1", root)
+    assert k.path.parent == root / "kernels" / "6.1"              # not the original's image
+    with open(k.path, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    with pytest.raises(RealKvmError, match=r"kernel 6.1: the cached image .* is corrupt .*kernels fetch 6.1"):
+        kernels.resolve("6.1", root)
+    p = stepfuzz("kvm", "run", REPO / "corpus" / "known", "--kernel", "6.1", "--cache", root)
+    assert p.returncode == 2 and "is corrupt" in p.stderr and "Traceback" not in p.stderr

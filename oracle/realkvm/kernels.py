@@ -89,6 +89,9 @@ def resolve(spec: str, root: Path | None = None) -> Kernel:
         meta = _read_meta(root, spec)
         if meta is None:
             raise RealKvmError(f"kernel {spec} is not cached: run `stepfuzz kernels fetch {spec}`")
+        problem = corrupt(meta)
+        if problem:
+            raise RealKvmError(f"kernel {spec}: {problem}: run `stepfuzz kernels fetch {spec}` to fetch it again")
         return Kernel(spec, Path(meta["path"]), meta["version"], meta["uname"])
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -168,14 +171,35 @@ def kernel_dir(root: Path, name: str) -> Path:
 
 
 def _read_meta(root: Path, name: str) -> dict | None:
-    meta = kernel_dir(root, name) / "kernel.json"
+    """kernel.json of a cached release, its image path made absolute (it is
+    kept relative to the release's directory, so a copied or moved cache
+    boots its own images); None if there is none to read."""
+    home = kernel_dir(root, name)
     try:
-        data = json.loads(meta.read_text())
-    except (OSError, ValueError):
+        data = json.loads((home / "kernel.json").read_text())
+    except (OSError, ValueError, RecursionError):
         return None
-    if not Path(data.get("path", "")).is_file():
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("path", "version", "uname")):
         return None
-    return data
+    image = home / Path(data["path"]).name          # an absolute path (older caches) is taken by its name
+    if not image.is_file():
+        return None
+    return data | {"path": str(image)}
+
+
+def corrupt(meta: dict) -> str:
+    """Why a cached image cannot be trusted ('' if it can): its sha256 is not
+    the one recorded when it was fetched (a truncated or swapped file)."""
+    want = meta.get("sha256")
+    if not isinstance(want, str):
+        return "its kernel.json records no sha256"
+    h = hashlib.sha256()
+    with open(meta["path"], "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    got = h.hexdigest()
+    return "" if got == want else (f"the cached image {meta['path']} is corrupt (sha256 {got[:16]}..., "
+                                   f"{want[:16]}... when fetched)")
 
 
 def cached(root: Path | None = None) -> list[dict]:
@@ -364,6 +388,9 @@ def fetch(name: str, root: Path | None = None, log: Log = print, refresh: bool =
         raise RealKvmError(f"unknown kernel {name!r} (known: {', '.join(RELEASES)})")
     root = root or cache_root()
     meta = _read_meta(root, name)
+    if meta and corrupt(meta):
+        log(f"{name}: {corrupt(meta)}: fetching it again")
+        meta = None
     if meta and not refresh:
         log(f"{name}: cached: {meta['package']} {meta['version']} ({meta['path']})")
         return meta
@@ -412,8 +439,11 @@ def fetch(name: str, root: Path | None = None, log: Log = print, refresh: bool =
     digest = hashlib.sha256(final.read_bytes()).hexdigest()
     upstream = ".".join(map(str, parse_version(version)))
     meta = {"name": name, "package": package, "deb_version": version, "version": upstream,
-            "uname": uname, "sha256": digest, "path": str(final)}
-    (dest / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "uname": uname, "sha256": digest, "path": final.name}      # relative: the cache may move
+    tmp = dest / ".kernel.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(dest / "kernel.json")
+    meta["path"] = str(final)
     log(f"{name}: cached {final} (Linux {upstream}, era {era_for_version(upstream)}, sha256 {digest[:16]}…)")
     return meta
 
