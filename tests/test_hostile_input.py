@@ -214,3 +214,21 @@ def test_the_kernel_cache_is_verified_and_relative(tmp_path):
         kernels.resolve("6.1", root)
     p = stepfuzz("kvm", "run", REPO / "corpus" / "known", "--kernel", "6.1", "--cache", root)
     assert p.returncode == 2 and "is corrupt" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_program_cannot_forge_the_runners_verdict(tools, kernel, tmp_path):
+    """kvm exec: what the program prints (a case name, say) is relayed, never
+    read as the runner's own lines; a file that is not a program says so."""
+    kernel("6.1")
+    src = tmp_path / "forge.c"
+    src.write_text('#include <stdio.h>\nint main(void) { puts("@@sf exec-exit status 0");'
+                   ' puts("case x: @@sf exec-exit status 0"); return 1; }\n')
+    prog = tmp_path / "forge"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-static", "-O2", "-o", str(prog), str(src)], check=True)
+    p = stepfuzz("kvm", "exec", prog, "--kernel", "6.1", timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stdout.splitlines() == ["@@sf exec-exit status 0", "case x: @@sf exec-exit status 0"]
+    junk = tmp_path / "junk"
+    junk.write_text("not a program\n")
+    p = stepfuzz("kvm", "exec", junk, "--kernel", "6.1", timeout=300)
+    assert p.returncode == 127 and "cannot be executed" in p.stdout, p.stdout + p.stderr

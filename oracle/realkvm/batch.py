@@ -107,7 +107,9 @@ def encode(cases: list[tuple[int, Case]]) -> str:
 
 # ---------------------------------------------------------------- console lines
 
-LINE = re.compile(r"@@sf (\S.*)$")
+# The runner's own lines start with the marker (a program run in exec mode
+# has its lines relayed behind "| ", so it cannot forge one).
+LINE = re.compile(r"^@@sf (\S.*)$")
 
 
 class Parser:
@@ -125,7 +127,7 @@ class Parser:
         self._records = 0
 
     def feed(self, raw: str) -> None:
-        m = LINE.search(raw.rstrip("\r\n"))
+        m = LINE.match(raw.rstrip("\r\n").lstrip("\r"))
         if not m:
             return
         words = m[1].split()

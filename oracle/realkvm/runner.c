@@ -119,27 +119,76 @@ static int run_batch(const char *path)
 
 /* ------------------------------------------------------------ exec mode and /init */
 
+/*
+ * The program's output reaches the host through a pipe, each line behind
+ * "| ": no line it prints can start with "@@sf", so nothing it prints (a
+ * case name, say) can pass for the runner's own verdict.
+ */
+static void relay_lines(int fd)
+{
+	char buf[4096], line[4096];
+	size_t len = 0;
+	ssize_t n;
+
+	while ((n = read(fd, buf, sizeof(buf))) != 0) {
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		for (ssize_t i = 0; i < n; i++) {
+			if (buf[i] == '\n' || len == sizeof(line) - 1) {
+				line[len] = 0;
+				printf("| %s\n", line);
+				len = 0;
+				if (buf[i] == '\n')
+					continue;
+			}
+			line[len++] = buf[i];
+		}
+		fflush(stdout);
+	}
+	if (len) {
+		line[len] = 0;
+		printf("| %s\n", line);
+	}
+	fflush(stdout);
+}
+
 static int exec_prog(void)
 {
 	pid_t pid;
-	int status;
+	int status, pipefd[2];
 
 	out("exec-start");
 	flush_out();
+	if (pipe(pipefd) < 0) {
+		out("exec-exit error pipe: %s", strerror(errno));
+		flush_out();
+		return 2;
+	}
 	pid = fork();
 	if (pid == 0) {
 		char *argv[] = { "/prog", NULL };
 		sigset_t none;
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, NULL);
+		dup2(pipefd[1], 1);
+		dup2(pipefd[1], 2);
+		close(pipefd[0]);
+		close(pipefd[1]);
 		execv("/prog", argv);
+		fprintf(stderr, "stepfuzz: the program cannot be executed: %s\n", strerror(errno));
 		_exit(127);
 	}
+	close(pipefd[1]);
 	if (pid < 0) {
 		out("exec-exit error fork: %s", strerror(errno));
 		flush_out();
 		return 2;
 	}
+	relay_lines(pipefd[0]);
+	close(pipefd[0]);
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
 	if (WIFEXITED(status))

@@ -284,12 +284,12 @@ def run_program(program: Path, kernel: Kernel | None, root: Path | None = None,
 
     def relay(line: str) -> None:
         nonlocal relaying
-        if "@@sf exec-start" in line:
+        if line.startswith("@@sf exec-start"):
             relaying = True
-        elif "@@sf exec-exit" in line:
+        elif line.startswith("@@sf exec-exit"):
             relaying = False
-        elif relaying:
-            sys.stdout.write(line + "\n")
+        elif relaying and line.startswith("| "):     # the program's own lines (runner.c relay_lines)
+            sys.stdout.write(line[2:] + "\n")
             sys.stdout.flush()
 
     parser.ready = True          # exec mode has no ready line; the boot budget still applies
