@@ -265,3 +265,30 @@ def test_bad_campaign_arguments_fail_clearly(tmp_path):
     assert p.returncode == 2 and "not a duration" in p.stderr
     p = stepfuzz("fuzz", "--era", "7.7", "--crashes", tmp_path / "c")
     assert p.returncode == 2 and "unknown era" in p.stderr
+
+
+def test_sigkill_of_the_supervisor_leaves_no_worker_fuzzing(tmp_path):
+    """`stepfuzz fuzz --jobs 2` killed with SIGKILL: libFuzzer's parent and
+    both workers notice and stop within seconds, not when --time runs out."""
+    corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
+    proc = subprocess.Popen([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "fuzz", "--jobs", "2", "--time", "300s",
+                             "--seed", "3", "--corpus", str(corpus), "--crashes", str(crashes)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = str(corpus.resolve())
+
+    def harnesses() -> list[str]:
+        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        return [p for p in out if int(p) != proc.pid]
+    deadline = time.time() + 60
+    while time.time() < deadline and len(harnesses()) < 3:
+        time.sleep(0.5)
+    assert len(harnesses()) >= 3, "libFuzzer's parent and two workers never started"
+    proc.kill()                                  # the supervisor alone, as a SIGKILL of it would
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and harnesses():
+        time.sleep(0.5)
+    left = harnesses()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left, f"still running after the supervisor was killed: {left}"

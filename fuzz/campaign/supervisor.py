@@ -222,6 +222,7 @@ def run(cfg: Config) -> int:
     argv += cfg.extra
     env = {**os.environ, "STEPFUZZ_ERAS": cfg.eras, "STEPFUZZ_CRASHES": str(cfg.crashes.resolve()),
            "STEPFUZZ_STARTED": str(started), "STEPFUZZ_MAX_STEPS": str(cfg.max_steps),
+           "STEPFUZZ_SUPERVISOR": str(os.getpid()),
            "STEPFUZZ_CODE_COVERAGE": "1" if cfg.code_coverage else "0"}
     proc = subprocess.Popen(argv, cwd=logs, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True,

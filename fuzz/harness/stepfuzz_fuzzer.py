@@ -137,6 +137,24 @@ def _stop() -> None:
     os._exit(0)
 
 
+def _watch_supervisor(pid: int) -> None:
+    """Stop when the `stepfuzz fuzz` that started this campaign is gone (a
+    SIGKILL of it kills no child): a worker stops at its next input, and any
+    process still here 5 s later -- libFuzzer's -jobs parent runs no inputs --
+    exits."""
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        except OSError:
+            continue
+    _STOP.append(signal.SIGTERM)
+    time.sleep(5)
+    os._exit(0)
+
+
 def main() -> None:
     # libFuzzer ends the process with exit(), which skips Python's own exit
     # handlers: register the final flush with the C library instead.
@@ -146,6 +164,10 @@ def main() -> None:
     ctypes.CDLL(None).__cxa_atexit(_EXIT_HOOK, None, None)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _note_stop)
+    supervisor = os.environ.get("STEPFUZZ_SUPERVISOR", "")
+    if supervisor.isdigit():
+        import threading
+        threading.Thread(target=_watch_supervisor, args=(int(supervisor),), daemon=True).start()
     for tree in features.TREES:
         atheris.instrument_func(tree)
     atheris.Setup(sys.argv, test_one_input, custom_mutator=custom_mutator, custom_crossover=custom_crossover)
