@@ -232,3 +232,44 @@ def test_a_program_cannot_forge_the_runners_verdict(tools, kernel, tmp_path):
     junk.write_text("not a program\n")
     p = stepfuzz("kvm", "exec", junk, "--kernel", "6.1", timeout=300)
     assert p.returncode == 127 and "cannot be executed" in p.stdout, p.stdout + p.stderr
+
+
+def test_crashes_merge_follows_no_symbolic_link(tmp_path):
+    """A finding linked to /, or a case.json linked to /etc/passwd, is named
+    and left out: nothing outside the crash directories is copied."""
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "crashes" / "examples", src)
+    (src / "root").symlink_to("/")
+    evil = src / "evil"
+    shutil.copytree(src / "508c4da3f2ff", evil)
+    (evil / "case.json").unlink()
+    (evil / "case.json").symlink_to("/etc/passwd")
+    (evil / "minimized.json").unlink()
+    record = json.loads((evil / "divergence.json").read_text())
+    record["case_insns"] = 0                 # claims the smallest case: the merge wants to take it
+    (evil / "divergence.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    p = stepfuzz("crashes", "merge", src, "-o", out, timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert f"{evil / 'case.json'}" in p.stderr
+    copied = [f for f in out.rglob("*") if f.is_file()]
+    assert copied and all(f.stat().st_size < 1 << 20 for f in copied)
+    assert not any("root:" in f.read_text(errors="replace") for f in copied)
+
+
+def test_junk_progress_files_do_not_break_status_or_plot(tmp_path):
+    import shutil
+    crashes = tmp_path / "c"
+    shutil.copytree(REPO / "crashes" / "examples", crashes)
+    (crashes / ".workers").mkdir()
+    (crashes / ".workers" / "1.json").write_text('["a list"]')
+    (crashes / ".workers" / "2.json").write_text('{"pid": "x", "updated": "now", "execs": "many", "final": 1}')
+    (crashes / ".workers" / "3.json").write_bytes(b"\xff\x00junk")
+    (crashes / "stats.jsonl").write_text('[1, 2]\n{"t": "x"}\nnot json\n{"t": 1.0, "elapsed_s": 1, "execs": 5, '
+                                         '"execs_per_s": 5.0, "corpus": 1, "cov": 1, "ft": 1, "rss_mb": 1.0}\n')
+    (crashes / "campaign.json").write_text("[]")
+    for args in (("status", crashes), ("plot", crashes, "-o", tmp_path / "p.html")):
+        p = stepfuzz(*args)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "<svg" in (tmp_path / "p.html").read_text()

@@ -120,7 +120,12 @@ def crashes_merge(sources: list[Path], out: Path) -> CrashesMerged:
                 mine = None
             if mine is None:
                 dest.path.mkdir(exist_ok=True)
-                dest.take_case_from(f.dir)
+                problems = dest.take_case_from(f.dir)
+                unreadable += [UnreadableRecord(f.dir.path, why) for why in problems]
+                if problems:              # a finding without its case is no finding: left out
+                    if not any(dest.path.iterdir()):
+                        dest.path.rmdir()
+                    continue
                 dest.write_record(theirs)
                 continue
             merged += 1
@@ -132,9 +137,10 @@ def crashes_merge(sources: list[Path], out: Path) -> CrashesMerged:
                            last_seen=max(mine.last_seen, theirs.last_seen),
                            eras=_union(mine.eras, theirs.eras), signatures=_union(mine.signatures, theirs.signatures))
             if theirs.kept_key() < mine.kept_key():
-                dest.take_case_from(f.dir)
-                # the divergence as the kept case shows it (its stop, detail, size)
-                mine = mine.describing(theirs)
+                problems = dest.take_case_from(f.dir)
+                unreadable += [UnreadableRecord(f.dir.path, why) for why in problems]
+                if not problems:          # the divergence as the kept case shows it (its stop, detail, size)
+                    mine = mine.describing(theirs)
             dest.write_record(mine)
     return CrashesMerged(sum(1 for _ in crash_dirs(out)), merged, unreadable)
 

@@ -19,6 +19,7 @@ from stepfuzz.fuzz.findings.store import read_json
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND
 from stepfuzz.fuzz.findings.rootcause import root_of
 from stepfuzz.fuzz.harness.confirm import RootCauses
+from stepfuzz.fuzz.harness.workers import read_workers
 from stepfuzz.fuzz.inputs.generate import generate
 from stepfuzz.fuzz.campaign.supervisor import STEPFUZZ_COMMAND
 
@@ -68,7 +69,7 @@ def with_feedback(seed: int, limit_s: float, log=lambda m: None) -> dict[str, tu
 def _found(crashes: Path, warn=lambda e: None) -> dict[str, tuple[float, int]]:
     """class -> (seconds since the harness started, executions) at the first
     find; warn(UnreadableRecord) for each finding that cannot be read."""
-    ready = min((w["begun"] for p in crashes.glob(".workers/*.json") if (w := read_json(p))), default=None)
+    ready = min((w["begun"] for w in read_workers(crashes) if w["begun"]), default=None)
     camp = read_json(crashes / "campaign.json") or {}
     startup = (ready - camp["started"]) if ready and camp else 0.0
     out: dict[str, tuple[float, int]] = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from stepfuzz.fuzz.findings.crashdir import Finding, UnreadableRecord, scan
 from stepfuzz.fuzz.findings.store import read_json
+from stepfuzz.fuzz.harness.workers import read_workers
 
 
 class NotACampaign(ValueError):
@@ -28,12 +29,22 @@ def stats(crashes: Path) -> list[dict]:
     path = crashes / "stats.jsonl"
     out = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue          # a line cut by a kill: skip it
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue          # a line cut by a kill, or junk: skip it
+            if isinstance(record, dict) and all(_is_number(record.get(k)) for k in STATS_FIELDS):
+                out.append(record)
     return out
+
+
+# what `stepfuzz status` and `plot` read from each record of stats.jsonl
+STATS_FIELDS = ("t", "elapsed_s", "execs", "execs_per_s", "corpus", "cov", "ft", "rss_mb")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def divergences(crashes: Path) -> tuple[list[Finding], list[UnreadableRecord]]:
@@ -53,9 +64,8 @@ def status(crashes: Path) -> Status:
     camp = read_json(crashes / "campaign.json") or {}
     records = stats(crashes)
     divs, unreadable = divergences(crashes)
-    workers = [read_json(p) or {} for p in (crashes / ".workers").glob("*.json")]
-    running = [w for w in workers if not w.get("final") and _alive(w.get("pid"))
-               and time.time() - w.get("updated", 0) < 60]
+    workers = read_workers(crashes)
+    running = [w for w in workers if not w["final"] and _alive(w["pid"]) and time.time() - w["updated"] < 60]
     last = records[-1] if records else {}
     lines = [f"campaign {crashes}: {'RUNNING (' + str(len(running)) + ' workers)' if running else 'not running'}"]
     if camp:

@@ -25,7 +25,8 @@ from stepfuzz.oracle.case import CaseError, load_case
 from stepfuzz.oracle.realkvm import cache_root, last_line
 
 from stepfuzz.fuzz.findings.crashdir import UnreadableRecord, crash_dirs, scan
-from stepfuzz.fuzz.findings.store import now_iso, read_json, write_atomic
+from stepfuzz.fuzz.findings.store import now_iso, write_atomic
+from stepfuzz.fuzz.harness.workers import read_workers
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, looks_like_json
 
 STATS_EVERY_S = 10.0
@@ -158,17 +159,12 @@ class Monitor:
         return len(roots), by_era
 
     def workers(self) -> list[dict]:
-        out = []
-        for p in (self.cfg.crashes / ".workers").glob("*.json"):
-            info = read_json(p)
-            if info and info.get("begun", 0) >= self.started - 1:
-                out.append(info)
-        return out
+        return [w for w in read_workers(self.cfg.crashes) if w["begun"] >= self.started - 1]
 
     def snapshot(self) -> dict:
         now = time.time()
         workers = self.workers()
-        execs = sum(w.get("execs", 0) for w in workers)
+        execs = sum(w["execs"] for w in workers)
         self.recent = [(t, e) for t, e in self.recent if now - t <= RATE_WINDOW_S] + [(now, execs)]
         t0, e0 = self.recent[0]
         rate = (execs - e0) / (now - t0) if now - t0 >= 1 else 0.0
@@ -177,8 +173,8 @@ class Monitor:
                 "execs": execs, "execs_per_s": round(rate, 1),
                 "corpus": sum(1 for p in self.cfg.corpus.rglob("*") if p.is_file()),
                 "cov": self.cov, "ft": self.ft,
-                "rss_mb": round(sum(w.get("rss_kb", 0) for w in workers) / 1024, 1),
-                "workers": len([w for w in workers if not w.get("final")]),
+                "rss_mb": round(sum(w["rss_kb"] for w in workers) / 1024, 1),
+                "workers": len([w for w in workers if not w["final"]]),
                 "unique": roots, "roots": roots, "by_era": dict(sorted(by_era.items()))}
 
 

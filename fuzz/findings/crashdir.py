@@ -26,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -465,16 +464,19 @@ class CrashDir:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield self
 
-    def copy_to(self, dest: str | Path) -> CrashDir:
-        """The whole finding copied to `dest` (lock and temporary files left out)."""
-        shutil.copytree(self.path, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(self.LOCK, ".*.tmp"))
-        return CrashDir(dest)
-
-    def take_case_from(self, other: CrashDir) -> None:
-        """The case files `other` has (case.json, report.txt, minimized.json) copied over these."""
-        for name in self.CASE_FILES:
-            if (other.path / name).exists():
-                shutil.copy2(other.path / name, self.path / name)
+    def take_case_from(self, other: CrashDir) -> list[str]:
+        """The case files `other` has (case.json, report.txt, minimized.json)
+        copied over these; returns the problems of any it does not copy: a
+        symbolic link (never followed: it could name any file) or anything
+        but a regular file."""
+        sources = [other.path / name for name in self.CASE_FILES]
+        problems = [f"{src}: not a regular file: not copied" for src in sources
+                    if src.is_symlink() or (src.exists() and not src.is_file())]
+        if not problems:                  # all or nothing: the record must describe the case beside it
+            for src in sources:
+                if src.exists():
+                    write_atomic(self.path / src.name, src.read_bytes())
+        return problems
 
 
 def crash_dirs(root: str | Path) -> Iterator[CrashDir]:

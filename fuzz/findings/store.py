@@ -44,9 +44,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
     None if it is missing or unreadable.  Not for divergence records: those
     are read with crashdir, which says what is wrong with one."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 @dataclass

@@ -66,3 +66,31 @@ class WorkerStats:
             path.mkdir(exist_ok=True)
             write_atomic(path / "input", data)
             write_atomic(path / "error.txt", "".join(traceback.format_exception(err)))
+
+
+def _number(value, default: float = 0.0) -> float:
+    import math
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return value
+
+
+def read_workers(crashes: Path) -> list[dict]:
+    """Every worker's progress, as WorkerStats.write leaves it; a file of
+    anything else (junk, another version's) is read as far as it makes
+    sense: fields of the wrong type count as absent."""
+    out = []
+    for p in sorted((Path(crashes) / ".workers").glob("*.json")):
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        pid = data.get("pid")
+        out.append({"pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                    "begun": _number(data.get("begun")), "updated": _number(data.get("updated")),
+                    "execs": int(_number(data.get("execs"))), "rss_kb": _number(data.get("rss_kb")),
+                    "final": data.get("final") is True})
+    return out
+
