@@ -2,8 +2,10 @@
 the file, never another exception, a hang or a process abort."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, make, stepfuzz
 from stepfuzz.oracle.asm import AsmError, assemble
-from stepfuzz.oracle.case import CaseError, load_case, loads_case
+from stepfuzz.oracle.case import CaseError, load_case, loads_case, parse_case
 
 GOOD = make("nop\nadd x0, x0, #1")
 FIELDS = ["stepfuzz", "name", "code", "regs", "memory", "mmio_read", "events", "max_steps", "expect"]
@@ -273,3 +275,41 @@ def test_junk_progress_files_do_not_break_status_or_plot(tmp_path):
         p = stepfuzz(*args)
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert "<svg" in (tmp_path / "p.html").read_text()
+
+
+def test_two_campaigns_on_one_directory_and_an_unwritable_one(tmp_path):
+    corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
+    first = subprocess.Popen([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "fuzz", "--time", "60s", "--seed", "1",
+                              "--corpus", str(corpus), "--crashes", str(crashes)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not (crashes / "campaign.json").exists():
+            time.sleep(0.2)
+        p = stepfuzz("fuzz", "--time", "5s", "--corpus", corpus, "--crashes", crashes)
+        assert p.returncode == 2 and "another campaign is running on it" in p.stderr, p.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = stepfuzz("fuzz", "--time", "5s", "--corpus", corpus, "--crashes", blocker / "sub")
+    assert p.returncode == 2 and "cannot write" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_cases_the_runner_cannot_set_up_are_said_so(tmp_path):
+    from stepfuzz.oracle.realkvm.batch import MAX_EVENTS, RealTrace, skip_reason
+    from stepfuzz.oracle.guest import execute
+    events = [{"when": "stop", "n": 1000 + i, "what": "preempt"} for i in range(MAX_EVENTS + 44)]
+    case = parse_case(make("nop\nadd x0, x0, #1", events=events))
+    t = skip_reason(case, execute(case))
+    assert isinstance(t, RealTrace) and "events (the runner takes at most 256)" in t.detail and not t.sent
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps(make("nop", events=events)))
+    p = stepfuzz("export", path, "--standalone", "-o", tmp_path / "x.c")
+    assert p.returncode == 2 and "a reproducer cannot set it up" in p.stderr and not (tmp_path / "x.c").exists()
+
+
+def test_minimize_refuses_an_output_for_a_directory(tmp_path):
+    p = stepfuzz("minimize", REPO / "crashes" / "examples", "-o", tmp_path / "x.json")
+    assert p.returncode == 2 and "-o is for one case" in p.stderr and not (tmp_path / "x.json").exists()

@@ -24,7 +24,7 @@ from pathlib import Path
 from stepfuzz.oracle.case import CaseError, load_case
 from stepfuzz.oracle.realkvm import cache_root, last_line
 
-from stepfuzz.fuzz.findings.crashdir import UnreadableRecord, crash_dirs, scan
+from stepfuzz.fuzz.findings.crashdir import OutputError, UnreadableRecord, crash_dirs, scan
 from stepfuzz.fuzz.findings.store import now_iso, write_atomic
 from stepfuzz.fuzz.harness.workers import read_workers
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, looks_like_json
@@ -185,11 +185,33 @@ def status_line(s: dict) -> str:
             f"  corpus {s['corpus']}  cov {s['cov']}  root causes {s['unique']} (seen on {eras})")
 
 
+class CampaignError(RuntimeError):
+    """A campaign that cannot start; str() is one line."""
+
+
 def run(cfg: Config) -> int:
-    cfg.corpus.mkdir(parents=True, exist_ok=True)
-    cfg.crashes.mkdir(parents=True, exist_ok=True)
+    """Run a campaign; raises CampaignError if it cannot start (its
+    directories cannot be written, another campaign holds them)."""
+    try:
+        for d in (cfg.corpus, cfg.crashes, cfg.crashes / "logs", cfg.crashes / "artifacts"):
+            d.mkdir(parents=True, exist_ok=True)
+        lock = open(cfg.crashes / ".campaign.lock", "w")
+    except OSError as e:
+        raise CampaignError(f"{e.filename or cfg.crashes}: cannot write: {e.strerror or e}") from None
+    import fcntl
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)      # held until this process ends
+    except OSError:
+        raise CampaignError(f"{cfg.crashes}: another campaign is running on it (stepfuzz status {cfg.crashes})") \
+            from None
+    try:
+        return _run(cfg, lock)
+    except OutputError as e:
+        raise CampaignError(str(e)) from None
+
+
+def _run(cfg: Config, lock) -> int:
     logs = cfg.crashes / "logs"
-    logs.mkdir(exist_ok=True)
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2_000_000_000 + 1
     entries, warnings = scan_corpus(cfg.corpus)
     for w in warnings:
@@ -208,7 +230,6 @@ def run(cfg: Config) -> int:
     argv = [str(harness_launcher()), str(cfg.corpus.resolve()), f"-seed={seed}", "-reduce_inputs=0",
             "-max_len=4096", "-len_control=0", "-timeout=120", "-rss_limit_mb=4096", "-print_final_stats=1",
             f"-artifact_prefix={(cfg.crashes / 'artifacts').resolve()}/"]
-    (cfg.crashes / "artifacts").mkdir(exist_ok=True)
     if cfg.seconds:
         argv.append(f"-max_total_time={max(1, int(cfg.seconds))}")
     if cfg.runs is not None:

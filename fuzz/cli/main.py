@@ -78,9 +78,13 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         fail("--jobs must be at least 1")
     check_max_steps(args.max_steps)
-    return run(Config(eras=args.era, seconds=seconds, runs=args.runs, jobs=args.jobs, corpus=Path(args.corpus),
-                      crashes=Path(args.crashes), seed=args.seed, max_steps=args.max_steps,
-                      code_coverage=args.code_coverage, extra=args.libfuzzer or []))
+    from stepfuzz.fuzz.campaign.supervisor import CampaignError
+    try:
+        return run(Config(eras=args.era, seconds=seconds, runs=args.runs, jobs=args.jobs, corpus=Path(args.corpus),
+                          crashes=Path(args.crashes), seed=args.seed, max_steps=args.max_steps,
+                          code_coverage=args.code_coverage, extra=args.libfuzzer or []))
+    except CampaignError as e:
+        fail(str(e))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -120,6 +124,8 @@ def cmd_minimize(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.findings.report import readable
     if args.era and len(eras_arg(args.era)) != 1:
         fail(f"--era {args.era}: name one era (a case is minimized for the divergence of one era)")
+    if args.output and Path(args.target).is_dir():
+        fail(f"-o {args.output}: a crash directory's findings each go to <id>/minimized.json; -o is for one case")
     try:
         jobs, unreadable = minimize_jobs(Path(args.target), args.era, args.output)
     except (BadTarget, UnreadableRecord) as e:

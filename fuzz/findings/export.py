@@ -27,6 +27,7 @@ from importlib import resources
 from stepfuzz.oracle.asm import disasm
 from stepfuzz.oracle.case import INSN_EVENTS, Case
 from stepfuzz.oracle.guest import execute
+from stepfuzz.oracle.realkvm.batch import runner_limit
 from stepfuzz.oracle.reference import reference
 from stepfuzz.oracle.vocabulary import Outcome
 
@@ -76,6 +77,9 @@ def as_reproduced(case: Case) -> Case:
 
 
 def expectation(case: Case) -> Expectation:
+    limit = runner_limit(as_reproduced(case))
+    if limit:
+        raise NotExportable(f"a reproducer cannot set it up: {limit}")
     log = execute(case)
     ref = reference(log)
     if ref.outcome not in EXPORTABLE_ENDINGS:

@@ -10,6 +10,7 @@ import errno
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..case import Case
 from ..guest import ExecLog
@@ -75,8 +76,30 @@ class RealTrace:
         return numbered_exits(self.stops, self.tail)
 
 
+def _header_limit(name: str) -> int:
+    """A limit of the runner's VMM, read from the header it is built with
+    (one definition for C and Python)."""
+    text = (Path(__file__).with_name("stepfuzz_vmm.h")).read_text()
+    return int(re.search(rf"#define {name} (\d+)", text)[1])
+
+
+MAX_REGIONS, MAX_EVENTS = _header_limit("MAX_REGIONS"), _header_limit("MAX_EVENTS")
+
+
+def runner_limit(case: Case) -> str:
+    """Why the runner's VMM cannot set `case` up ('' if it can)."""
+    if len(case.memory) > MAX_REGIONS:
+        return f"{len(case.memory)} memory regions (the runner takes at most {MAX_REGIONS})"
+    if len(case.events) > MAX_EVENTS:
+        return f"{len(case.events)} events (the runner takes at most {MAX_EVENTS})"
+    return ""
+
+
 def skip_reason(case: Case, log: ExecLog) -> RealTrace | None:
     """A trace that says why `case` is not sent to a real kernel, or None."""
+    if runner_limit(case):
+        return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:runner-limit",
+                         detail="not reproducible here: " + runner_limit(case))
     if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{log.outcome}", detail=log.detail)
     for e in case.events:
