@@ -80,3 +80,26 @@ def kernel(tools):
                     unavailable(failed[name])
         return got[name]
     return get
+
+
+def padded_6_1_case():
+    """The 6.1 immediate-exit bug (one MMIO load, the instruction after it,
+    one event) hidden in 40 instructions of unrelated work."""
+    import random
+    from dataclasses import replace
+
+    from stepfuzz.fuzz.inputs import insns as I
+    from stepfuzz.oracle.case import load_case
+    rnd = random.Random(3)
+    known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
+    noise = [I.add_imm(rnd.randrange(8), rnd.randrange(8), rnd.randrange(4096)) for _ in range(19)]
+    loads = [I.ldst_uimm(3, 1, 5, 20, 8 * i) for i in range(3)] + [I.debug_reg(True, 6, 4, 1)]
+    words = noise[:10] + loads + [known.words[1], I.add_imm(0, 0, 1)] + noise[10:] + loads[:2]
+    words += [I.NOP] * (40 - len(words))
+    regs = dict(known.regs) | {"x20": 0x40000}
+    memory = known.memory + (load_case(CORPUS / "exits" / "stage2-data-fault.json").memory[1],)
+    case = replace(known.with_words(), words=tuple(words[:40]),
+                   regs=tuple(sorted(regs.items(), key=lambda kv: int(kv[0][1:]))), memory=memory, expect=())
+    assert len(case.words) == 40
+    return case
+

@@ -1,11 +1,10 @@
 """The shrinker: its order, its cache, each pass's cost, its bounds, and oracle errors."""
 import json
-import random
 from dataclasses import replace
 
 import pytest
 
-from conftest import CODE, CORPUS, DATA, MMIO, make, stepfuzz
+from conftest import CODE, CORPUS, DATA, MMIO, make, padded_6_1_case, stepfuzz
 from stepfuzz.fuzz.findings import minimize as M
 from stepfuzz.fuzz.findings.minimize import (NotDivergent, find_integer, lower, same_divergence,
                                              simpler_word, sort_key, visible)
@@ -42,21 +41,6 @@ def one_pass(case, name, era="6.1", **kw):
     small, stats = minimize(case, ERAS[era], passes=(name,), **kw)
     assert signature(small, era) == stats.signature
     return small, stats.passes[name], stats
-
-
-def padded_6_1_case():
-    """The 6.1 immediate-exit bug hidden in 40 instructions of unrelated work
-    (as in test_minimize_export.py)."""
-    rnd = random.Random(3)
-    known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
-    noise = [I.add_imm(rnd.randrange(8), rnd.randrange(8), rnd.randrange(4096)) for _ in range(19)]
-    loads = [I.ldst_uimm(3, 1, 5, 20, 8 * i) for i in range(3)] + [I.debug_reg(True, 6, 4, 1)]
-    words = noise[:10] + loads + [known.words[1], I.add_imm(0, 0, 1)] + noise[10:] + loads[:2]
-    words += [I.NOP] * (40 - len(words))
-    regs = dict(known.regs) | {"x20": 0x40000}
-    memory = known.memory + (load_case(CORPUS / "exits" / "stage2-data-fault.json").memory[1],)
-    return replace(known.with_words(), words=tuple(words[:40]),
-                   regs=tuple(sorted(regs.items(), key=lambda kv: int(kv[0][1:]))), memory=memory, expect=())
 
 
 class Counting:

@@ -1,6 +1,5 @@
 """Minimize, triage and export, as a user runs them; reproducers proven on real kernels."""
 import json
-import random
 import re
 import shutil
 import subprocess
@@ -11,8 +10,7 @@ from importlib import resources
 
 import pytest
 
-from conftest import CORPUS, REPO, stepfuzz
-from stepfuzz.fuzz.inputs import insns as I
+from conftest import CORPUS, REPO, padded_6_1_case, stepfuzz
 from stepfuzz.fuzz.findings.store import CrashStore
 from stepfuzz.fuzz.harness.confirm import Keeper
 from stepfuzz.fuzz.findings import export
@@ -21,23 +19,6 @@ from stepfuzz.fuzz.findings.minimize import minimize
 from stepfuzz.oracle.case import load_case
 from stepfuzz.oracle.kvm.eras import ERAS, select
 from stepfuzz.oracle.run import check
-
-
-def padded_6_1_case():
-    """The 6.1 immediate-exit bug (one MMIO load, the instruction after it,
-    one event) hidden in 40 instructions of unrelated work."""
-    rnd = random.Random(3)
-    known = load_case(CORPUS / "known" / "6.1-immediate-exit-after-mmio.json")
-    noise = [I.add_imm(rnd.randrange(8), rnd.randrange(8), rnd.randrange(4096)) for _ in range(19)]
-    loads = [I.ldst_uimm(3, 1, 5, 20, 8 * i) for i in range(3)] + [I.debug_reg(True, 6, 4, 1)]
-    words = noise[:10] + loads + [known.words[1], I.add_imm(0, 0, 1)] + noise[10:] + loads[:2]
-    words += [I.NOP] * (40 - len(words))
-    regs = dict(known.regs) | {"x20": 0x40000}
-    memory = known.memory + (load_case(CORPUS / "exits" / "stage2-data-fault.json").memory[1],)
-    case = replace(known.with_words(), words=tuple(words[:40]), regs=tuple(sorted(regs.items(), key=lambda kv: int(kv[0][1:]))),
-                   memory=memory, expect=())
-    assert len(case.words) == 40
-    return case
 
 
 def test_a_40_instruction_divergence_shrinks_to_its_cause():
