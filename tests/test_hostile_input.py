@@ -313,3 +313,33 @@ def test_cases_the_runner_cannot_set_up_are_said_so(tmp_path):
 def test_minimize_refuses_an_output_for_a_directory(tmp_path):
     p = stepfuzz("minimize", REPO / "crashes" / "examples", "-o", tmp_path / "x.json")
     assert p.returncode == 2 and "-o is for one case" in p.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_sigkill_of_kvm_run_takes_qemu_with_it(tools, kernel):
+    kernel("6.1")
+    proc = subprocess.Popen([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "kvm", "run", str(REPO / "corpus"),
+                             "--kernel", "6.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def qemu() -> list[str]:
+        return subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "qemu-system-aarch64"],
+                              capture_output=True, text=True).stdout.split()
+    deadline = time.time() + 60
+    while time.time() < deadline and not qemu():
+        time.sleep(0.2)
+    found = qemu()
+    assert found, "QEMU never started"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in found):
+        time.sleep(0.2)
+    left = [p for p in found if os.path.exists(f"/proc/{p}")]
+    for p in left:
+        os.kill(int(p), signal.SIGKILL)
+    assert not left, "QEMU outlived a SIGKILL of kvm run"
+
+
+def test_a_campaign_on_a_full_disk_says_so_in_one_line(full_disk, tmp_path):
+    p = stepfuzz("fuzz", "--time", "20s", "--corpus", tmp_path / "corpus", "--crashes", full_disk / "crashes",
+                 timeout=120)
+    assert p.returncode == 2 and "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr

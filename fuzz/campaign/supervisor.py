@@ -360,12 +360,29 @@ def _die_with_parent() -> None:
 
 
 def _pump(proc: subprocess.Popen, log: Path, monitor: Monitor) -> None:
-    with open(log, "a") as out:
-        for line in proc.stdout:
-            out.write(line)
-            monitor.feed(line)
+    """Drain libFuzzer's output into the log, whatever happens to the log:
+    a thread that stopped reading would block libFuzzer on a full pipe (a
+    full disk once made a 25 s campaign run 11 minutes)."""
+    out = None
+    try:
+        out = open(log, "a")
+    except OSError as e:
+        monitor.warn(f"stepfuzz: warning: {log}: cannot write libFuzzer's log ({e.strerror}); going on without it")
+    for line in proc.stdout:
+        monitor.feed(line)
+        if out is not None:
+            try:
+                out.write(line)
+                out.flush()
+            except OSError as e:
+                monitor.warn(f"stepfuzz: warning: {log}: {e.strerror}: libFuzzer's log stops here")
+                out = None
 
 
 def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One record of stats.jsonl; a full disk loses the record, not the campaign."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError:
+        pass

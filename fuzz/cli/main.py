@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        print("stepfuzz: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return EXIT_AGREE

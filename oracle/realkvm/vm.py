@@ -224,7 +224,18 @@ def _child(kernel: Kernel | None, runner: Path, files: dict[str, bytes], tmp: Pa
         argv = [str(runner), str(batch)]
     else:
         argv = qemu_command(kernel.path, initramfs(runner, files, tmp))
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # QEMU (or the native runner) dies with this process, even by SIGKILL
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def check_tools(kernel: Kernel | None) -> None:
