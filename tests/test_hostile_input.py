@@ -343,3 +343,17 @@ def test_a_campaign_on_a_full_disk_says_so_in_one_line(full_disk, tmp_path):
     p = stepfuzz("fuzz", "--time", "20s", "--corpus", tmp_path / "corpus", "--crashes", full_disk / "crashes",
                  timeout=120)
     assert p.returncode == 2 and "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_escapes_in_a_foreign_record_never_reach_the_terminal(tmp_path):
+    import shutil
+    crashes = tmp_path / "c"
+    shutil.copytree(REPO / "crashes" / "examples", crashes)
+    rec = crashes / "508c4da3f2ff" / "divergence.json"
+    data = json.loads(rec.read_text())
+    data["signature"] = "\x1b[2J\x1b[31mred"
+    data["root_cause"]["signature"] = "\x1b]0;title\x07x"
+    rec.write_text(json.dumps(data))
+    for args in (("status", crashes), ("triage", crashes)):
+        p = stepfuzz(*args)
+        assert p.returncode == 0 and "\x1b" not in p.stdout + p.stderr and "\x07" not in p.stdout, args

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stepfuzz.fuzz.findings.crashdir import Finding, UnreadableRecord, scan
+from stepfuzz.fuzz.findings.crashdir import Finding, UnreadableRecord, printable, scan
 from stepfuzz.fuzz.findings.store import read_json
 from stepfuzz.fuzz.harness.workers import read_workers
 
@@ -85,7 +85,7 @@ def status(crashes: Path) -> Status:
     errors = list((crashes / ".oracle-errors").glob("*")) if (crashes / ".oracle-errors").exists() else []
     if errors:
         lines.append(f"  {len(errors)} oracle error(s) (stepfuzz bugs) in {crashes / '.oracle-errors'}")
-    return Status("\n".join(lines), unreadable)
+    return Status("\n".join(printable(line) for line in lines), unreadable)
 
 
 def plot(crashes: Path, out: Path) -> None:

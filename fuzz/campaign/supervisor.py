@@ -24,7 +24,7 @@ from pathlib import Path
 from stepfuzz.oracle.case import CaseError, load_case
 from stepfuzz.oracle.realkvm import cache_root, last_line
 
-from stepfuzz.fuzz.findings.crashdir import OutputError, UnreadableRecord, crash_dirs, scan
+from stepfuzz.fuzz.findings.crashdir import OutputError, UnreadableRecord, crash_dirs, printable, scan
 from stepfuzz.fuzz.findings.store import now_iso, write_atomic
 from stepfuzz.fuzz.harness.workers import read_workers
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, looks_like_json
@@ -311,7 +311,7 @@ def summary(cfg: Config, snap: dict, started: float, say) -> None:
         f"{snap['unique']} in {cfg.crashes}")
     for f in sorted(new, key=lambda f: f.record.first_found.elapsed_s)[:40]:
         name = f.record.root_signature or f.record.signature
-        say(f"  {f.record.first_found.elapsed_s:>8.1f}s  {name}  [{f.dir.path}]")
+        say(printable(f"  {f.record.first_found.elapsed_s:>8.1f}s  {name}  [{f.dir.path}]"))
     if len(new) > 40:
         say(f"  ... and {len(new) - 40} more: stepfuzz triage {cfg.crashes}")
 

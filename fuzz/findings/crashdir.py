@@ -67,6 +67,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
+def printable(text: str) -> str:
+    """Text from a record as a terminal or a report may show it: control
+    characters (an ANSI escape in a record another program wrote) become '?'."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text))
+
+
 def root_id(signature: str) -> str:
     """The name of a root cause's directory: a short hash of its signature."""
     import hashlib
