@@ -357,3 +357,41 @@ def test_escapes_in_a_foreign_record_never_reach_the_terminal(tmp_path):
     for args in (("status", crashes), ("triage", crashes)):
         p = stepfuzz(*args)
         assert p.returncode == 0 and "\x1b" not in p.stdout + p.stderr and "\x07" not in p.stdout, args
+
+
+@pytest.mark.parametrize("make_args, problem", [
+    (lambda k, t: ("crashes", "merge", k, "-o", k / "508c4da3f2ff" / "case.json"), "exists and is not a directory"),
+    (lambda k, t: ("crashes", "merge", k, "-o", ""), "must be named"),
+    (lambda k, t: ("corpus", "merge", REPO / "corpus" / "programs", "-o", "/dev/null"), "not a directory"),
+    (lambda k, t: ("triage", k, "--html", k / "508c4da3f2ff" / "case.json"), "a file of the finding"),
+    (lambda k, t: ("triage", k, "--html", ""), "must be named"),
+    (lambda k, t: ("triage", k, "--kernels", ""), "name at least one kernel"),
+    (lambda k, t: ("plot", k, "-o", ""), "must be named"),
+    (lambda k, t: ("minimize", k / "508c4da3f2ff" / "case.json", "--era", "6.1", "-o", ""), "must be named"),
+    (lambda k, t: ("minimize", k / "508c4da3f2ff" / "case.json", "--era", "6.1", "--max-seconds", "nan"),
+     "finite number of seconds"),
+    (lambda k, t: ("fuzz", "--jobs", "100000", "--runs", "1", "--corpus", t / "c", "--crashes", t / "cr"),
+     "4 per core"),
+    (lambda k, t: ("kvm", "run", REPO / "corpus" / "programs" / "loop.json", "--kernel", t / "notakernel"),
+     "not a Linux kernel image"),
+])
+def test_impossible_outputs_and_arguments_found_by_the_trial(make_args, problem, tmp_path):
+    import shutil
+    k = tmp_path / "k"
+    shutil.copytree(REPO / "crashes" / "examples", k)
+    (tmp_path / "notakernel").write_text("hi\n")
+    before = {p: p.read_bytes() for p in k.rglob("*") if p.is_file()}
+    p = stepfuzz(*make_args(k, tmp_path), timeout=120)
+    assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert {p: p.read_bytes() for p in k.rglob("*") if p.is_file()} == before       # nothing replaced
+
+
+def test_a_fifo_in_a_crash_directory_blocks_nothing(tmp_path):
+    import shutil
+    k = tmp_path / "k"
+    shutil.copytree(REPO / "crashes" / "examples", k)
+    (k / "ff").mkdir()
+    os.mkfifo(k / "ff" / "divergence.json")
+    for args in (("status", k), ("triage", k), ("crashes", "merge", k, "-o", tmp_path / "out"), ("minimize", k)):
+        p = stepfuzz(*args, timeout=60)
+        assert "not a regular file" in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)

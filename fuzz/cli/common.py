@@ -110,3 +110,41 @@ def add_kernel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boot-timeout", type=positive_seconds, default=120.0, metavar="S",
                    help="seconds the kernel may take to boot (default 120)")
     add_cache(p)
+
+
+# ---------------------------------------------------------------- outputs
+
+FINDING_FILES = ("case.json", "divergence.json", "minimized.json", "report.txt")
+
+
+def output_file(text: str | None, inputs: tuple[Path, ...] = ()) -> Path:
+    """An output file as the user named it, or a one-line error: it must be
+    named, must not be one of the inputs, and must not be a file of a
+    finding (a crash directory's case.json, ...); what is in the way of it
+    is for write_atomic to refuse."""
+    if text is None or not str(text).strip():
+        fail("an output file must be named (got an empty path)")
+    out = Path(text)
+    if any(out.resolve() == Path(i).resolve() for i in inputs):
+        fail(f"{out}: is an input; not replaced")
+    if out.name in FINDING_FILES and (out.parent / "divergence.json").exists():
+        fail(f"{out}: a file of the finding in {out.parent}; not replaced")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{out.parent}: cannot make the directory: {e.strerror or e}")
+    return out
+
+
+def output_dir(text: str | None) -> Path:
+    """An output directory, made if missing, or a one-line error."""
+    if text is None or not str(text).strip():
+        fail("an output directory must be named (got an empty path)")
+    out = Path(text)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        fail(f"{out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{out}: cannot make the directory: {e.strerror or e}")
+    return out

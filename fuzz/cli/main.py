@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from stepfuzz.oracle.kvm.eras import ERAS
 
 from stepfuzz.fuzz.cli.common import (EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, add_all_rows, add_era, add_json,
                                       add_max_steps, check_max_steps, eras_arg, existing_dirs, fail,
-                                      load_cases)
+                                      load_cases, output_dir, output_file, positive_seconds)
 from stepfuzz.fuzz.findings.crashdir import OutputError
 
 # ---------------------------------------------------------------- commands
@@ -75,8 +76,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         fail(f"--time {args.time!r}: not a duration (examples: 90, 30s, 5m, 8h, 1h30m)")
     if seconds is None and args.runs is None:
         seconds = 60.0
-    if args.jobs < 1:
-        fail("--jobs must be at least 1")
+    most = 4 * (os.cpu_count() or 1)     # each job is a Python process running every era model
+    if not 1 <= args.jobs <= most:
+        fail(f"--jobs {args.jobs}: must be 1..{most} (4 per core on this machine)")
     check_max_steps(args.max_steps)
     from stepfuzz.fuzz.campaign.supervisor import CampaignError
     try:
@@ -100,7 +102,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.campaign.status import NotACampaign, plot
     d = Path(args.dir)
-    out = Path(args.output or d / "plot.html")
+    out = output_file(args.output if args.output is not None else str(d / "plot.html"))
     try:
         plot(d, out)
     except NotACampaign as e:
@@ -141,7 +143,12 @@ def cmd_minimize(args: argparse.Namespace) -> int:
             print(f"stepfuzz: {e}", file=sys.stderr)
             status = EXIT_BAD
             continue
-        era = eras_arg(job.era)[0]
+        if job.era not in ERAS:              # a record of another version: named, the others go on
+            print(f"stepfuzz: warning: {job.case.parent / 'divergence.json'}: era {job.era!r} is not one "
+                  "this stepfuzz knows", file=sys.stderr)
+            status = EXIT_BAD
+            continue
+        era = ERAS[job.era]
         t = time.perf_counter()
         try:
             small, m = minimize(case, era, log=(lambda s: print(s)) if args.verbose else (lambda s: None),
@@ -153,6 +160,8 @@ def cmd_minimize(args: argparse.Namespace) -> int:
         small = readable(replace(small, name=f"{m.signature}, minimized" + (f" from: {case.name}" if case.name else "")))
         if job.out.resolve() == job.case.resolve():
             fail(f"{job.out}: is the input; not replaced (give -o another file)")
+        if args.output is not None:
+            output_file(args.output, (job.case,))
         write_atomic(job.out, small.dumps())
         print(f"{job.label}: {m.signature}: {describe(case)} -> {describe(small)} "
               f"({m.checks} checks, {time.perf_counter() - t:.2f} s"
@@ -163,8 +172,10 @@ def cmd_minimize(args: argparse.Namespace) -> int:
 def cmd_triage(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.findings.triage import collect, json_lines, markdown, write_html
     (d,) = existing_dirs([args.dir], "crash")
-    if args.kernels:
+    if args.kernels is not None:
         from stepfuzz.oracle.realkvm import RealKvmError, kernels
+        if not args.kernels.strip():
+            fail("--kernels: name at least one kernel (5.10, 6.1, 6.12, latest or a PATH)")
         for name in args.kernels.split(","):          # every kernel known before the first boots
             try:
                 kernels.target(name, native=False) if name != "host" else None
@@ -181,8 +192,8 @@ def cmd_triage(args: argparse.Namespace) -> int:
         except (NotConfirmable, CaseError) as e:
             fail(str(e))
     title = f"stepfuzz triage: {d}"
-    if args.html:
-        write_html(rows, title, Path(args.html))
+    if args.html is not None:
+        write_html(rows, title, output_file(args.html))
     print(json_lines(rows) if args.json else markdown(rows, title), end="")
     return EXIT_AGREE
 
@@ -199,12 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _write_c(out: Path, text: str, what: str, inputs: tuple[Path, ...] = ()) -> None:
     from stepfuzz.fuzz.findings.store import write_atomic
-    if any(out.resolve() == i.resolve() for i in inputs):
-        fail(f"{out}: is the input; not replaced")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"{out.parent}: cannot make the directory: {e.strerror or e}")
+    out = output_file(str(out), inputs)
     write_atomic(out, text)
     print(f"{out}: {what}")
 
@@ -241,7 +247,7 @@ def cmd_export_corpus(args: argparse.Namespace) -> int:
             print(f"stepfuzz: {path}: skipped: {e}", file=sys.stderr)
     if not keep:
         fail(f"{args.dir}: no exportable cases")
-    out = Path(args.output)
+    out = output_dir(args.output)
     _write_c(out / "stepfuzz_single_step.c", selftest(keep), f"table-driven KVM selftest, {len(keep)} cases")
     _write_c(out / "stepfuzz_repro.c", standalone(keep), f"standalone reproducer, {len(keep)} cases")
     return EXIT_BAD if bad else EXIT_AGREE
@@ -253,7 +259,7 @@ def cmd_corpus_merge(args: argparse.Namespace) -> int:
     check_max_steps(args.max_steps)
     sources = existing_dirs(args.dirs, "corpus")
     try:
-        r = corpus_merge(sources, Path(args.output), args.era, args.max_steps, log=lambda m: print(m, file=sys.stderr))
+        r = corpus_merge(sources, output_dir(args.output), args.era, args.max_steps, log=lambda m: print(m, file=sys.stderr))
     except RuntimeError as e:
         fail(str(e))
     print(f"{args.output}: {r['inputs']} inputs, {r['signatures']} divergence signatures "
@@ -266,7 +272,7 @@ def cmd_crashes_merge(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.campaign.merge import SameDirectory
     sources = existing_dirs(args.dirs, "crash")
     try:
-        r = crashes_merge(sources, Path(args.output))
+        r = crashes_merge(sources, output_dir(args.output))
     except SameDirectory as e:
         fail(str(e))
     for e in r.unreadable:
@@ -333,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     mn.add_argument("-v", "--verbose", action="store_true",
                     help="show each shrink, and calls, shrinks and time per pass")
     from stepfuzz.fuzz.findings.minimize import MAX_CHECKS, MAX_SECONDS, MAX_SHRINKS
-    mn.add_argument("--max-seconds", type=float, default=MAX_SECONDS, metavar="S",
+    mn.add_argument("--max-seconds", type=positive_seconds, default=MAX_SECONDS, metavar="S",
                     help=f"stop shrinking a case after this long (default {MAX_SECONDS:g})")
     mn.add_argument("--max-shrinks", type=int, default=MAX_SHRINKS, metavar="N",
                     help=f"... after this many successful shrinks (default {MAX_SHRINKS})")

@@ -366,7 +366,11 @@ def _counts(f: _Fields, name: str) -> dict[str, int] | None:
 def read_record(path: str | Path) -> DivergenceRecord:
     """The DivergenceRecord in file `path`; UnreadableRecord if there is none to read."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise UnreadableRecord(path, "not a regular file (a FIFO or a device): not read")
     try:
+        if path.is_file() and path.stat().st_size > 16 << 20:
+            raise UnreadableRecord(path, "larger than 16 MiB: not a record")
         raw = path.read_bytes()
     except IsADirectoryError:
         raise UnreadableRecord(path, "unreadable: a directory, not a file") from None

@@ -98,6 +98,8 @@ def resolve(spec: str, root: Path | None = None) -> Kernel:
         names = ", ".join(RELEASES)
         raise RealKvmError(f"--kernel {spec}: no such file, and not a kernel name ({names})")
     release, version = banner_version(path)
+    if not release:
+        raise RealKvmError(f"--kernel {spec}: not a Linux kernel image (no 'Linux version' banner in it)")
     return Kernel(spec, path.resolve(), version, release)
 
 
