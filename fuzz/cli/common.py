@@ -126,7 +126,7 @@ def output_file(text: str | None, inputs: tuple[Path, ...] = ()) -> Path:
         fail("an output file must be named (got an empty path)")
     out = Path(text)
     if any(out.resolve() == Path(i).resolve() for i in inputs):
-        fail(f"{out}: is an input; not replaced")
+        fail(f"{out}: is the input; not replaced")
     if out.name in FINDING_FILES and (out.parent / "divergence.json").exists():
         fail(f"{out}: a file of the finding in {out.parent}; not replaced")
     try:
