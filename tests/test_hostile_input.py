@@ -395,3 +395,36 @@ def test_a_fifo_in_a_crash_directory_blocks_nothing(tmp_path):
     for args in (("status", k), ("triage", k), ("crashes", "merge", k, "-o", tmp_path / "out"), ("minimize", k)):
         p = stepfuzz(*args, timeout=60)
         assert "not a regular file" in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_sigkill_of_corpus_merge_stops_the_merge(tmp_path):
+    """libFuzzer's merge processes watch stepfuzz and stop with it."""
+    import random
+    from stepfuzz.fuzz.inputs.encoding import encode
+    from stepfuzz.fuzz.inputs.generate import generate
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rnd = random.Random(5)
+    for i in range(3000):                         # enough inputs that the merge is still running
+        (corpus / f"in{i}").write_bytes(encode(generate(rnd)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "corpus", "merge", str(corpus),
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = f"merge_control_file={out.resolve()}"
+
+    def merging() -> list[str]:
+        return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    deadline = time.time() + 30
+    while time.time() < deadline and not merging() and proc.poll() is None:
+        time.sleep(0.1)
+    if proc.poll() is not None:
+        pytest.skip("the merge finished before it could be killed")
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and merging():
+        time.sleep(0.3)
+    left = merging()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left, "the merge went on after stepfuzz was killed"

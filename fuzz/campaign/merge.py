@@ -49,8 +49,9 @@ def corpus_merge(sources: list[Path], out: Path, eras: str = "all", max_steps: i
     out, sources = out.resolve(), [s.resolve() for s in sources]
     control = out / CONTROL
     with tempfile.TemporaryDirectory(prefix="stepfuzz-merge-") as tmp:
+        # STEPFUZZ_SUPERVISOR: libFuzzer's merge processes stop when this one is killed
         env = {**os.environ, "STEPFUZZ_ERAS": eras, "STEPFUZZ_CRASHES": tmp,
-               "STEPFUZZ_MAX_STEPS": str(max_steps)}
+               "STEPFUZZ_MAX_STEPS": str(max_steps), "STEPFUZZ_SUPERVISOR": str(os.getpid())}
         argv = [str(harness_launcher()), "-merge=1", f"-merge_control_file={control}", "-max_len=4096",
                 str(out), *map(str, sources)]
         if control.exists():
