@@ -20,6 +20,8 @@ disassembly go through `c_comment`/`c_string`.
 """
 from __future__ import annotations
 
+import errno
+
 import re
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -36,7 +38,6 @@ from stepfuzz.oracle.realkvm.vm import VMM_HEADER, VMM_SRC as VMM_SOURCE
 # The guest's outcome -> how the VMM ends the run (an ENDED_* of stepfuzz_vmm.h).
 EXPORTABLE_ENDINGS = {Outcome.END: "end", Outcome.MAX_STEPS: "max-steps", Outcome.LEFT_CODE: "left-code",
                       Outcome.NO_SYNDROME: "error"}
-ENOSYS = 38
 TIMED = INSN_EVENTS         # a VMM cannot time them
 
 
@@ -86,7 +87,7 @@ def expectation(case: Case) -> Expectation:
         raise NotExportable(f"the guest's run ends with '{ref.outcome}' ({ref.detail}): a reproducer cannot check that")
     dropped = [f"{e.when} insn {e.at}: {e.what}" for e in case.events if e.when in TIMED]
     return Expectation(case, ref.pcs, EXPORTABLE_ENDINGS[ref.outcome],
-                       str(ENOSYS) if ref.outcome == Outcome.NO_SYNDROME else "", dropped)
+                       str(errno.ENOSYS) if ref.outcome == Outcome.NO_SYNDROME else "", dropped)
 
 
 def _title(case: Case, index: int) -> str:
