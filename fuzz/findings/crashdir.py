@@ -24,12 +24,14 @@ kill never leaves a half-written one.  Imports nothing that runs the oracle.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -73,9 +75,9 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in str(text))
 
 
+@lru_cache(maxsize=4096)    # the harness asks for every divergent result, of a few dozen root causes
 def root_id(signature: str) -> str:
     """The name of a root cause's directory: a short hash of its signature."""
-    import hashlib
     return hashlib.sha1(signature.encode()).hexdigest()[:12]
 
 

@@ -44,7 +44,7 @@ from typing import Callable
 
 from stepfuzz.oracle.case import DEFAULT_MAX_STEPS, EVENT_RULES, INSN_EVENTS, REG_NAMES, REGION_KINDS, Case
 from stepfuzz.oracle.isa import decode
-from stepfuzz.oracle.kvm.attribute import SYMPTOM, attribute, root_cause
+from stepfuzz.oracle.kvm.attribute import SYMPTOM, root_cause_of
 from stepfuzz.oracle.kvm.eras import Era
 from stepfuzz.oracle.run import Result, check
 
@@ -83,13 +83,14 @@ def same_divergence(original: Result) -> Predicate:
     def interesting(r: Result) -> bool:
         return (r.divergence is not None and r.divergence.signature == signature
                 and (visible(r) or not keep_visible))
+    interesting.signature = signature         # what Stats reports the case shrunk for
     return interesting
 
 
 def root_of(r: Result) -> str:
     """The root cause signature of a divergent result (attribution runs the era
     a few times more)."""
-    return root_cause(attribute(r.case, r.era, r.divergence), r.divergence).signature
+    return root_cause_of(r).signature
 
 
 def same_root_cause(original: Result) -> Predicate:
@@ -105,6 +106,7 @@ def same_root_cause(original: Result) -> Predicate:
         d = r.divergence
         return (d is not None and SYMPTOM.get(d.kind, d.kind) == kind and (visible(r) or not keep_visible)
                 and root_of(r) == root)
+    interesting.signature = root
     return interesting
 
 
@@ -552,11 +554,11 @@ def minimize(case: Case, era: Era, log: Callable[[str], None] = lambda m: None, 
     (r,) = check(case, [era])
     if r.divergence is None:
         raise NotDivergent(f"does not diverge on era {era.id}")
-    stats = Stats(era.id, root_of(r) if predicate is same_root_cause else r.divergence.signature, visible(r),
-                  checks=1)
+    interesting = predicate(r)
+    stats = Stats(era.id, getattr(interesting, "signature", r.divergence.signature), visible(r), checks=1)
     # a smaller case is a new case: what the original was expected to show no longer holds
     case = replace(case, asm=None, expect=())
-    s = Shrinker(case, era, predicate(r), stats, max_seconds=max_seconds, max_shrinks=max_shrinks,
+    s = Shrinker(case, era, interesting, stats, max_seconds=max_seconds, max_shrinks=max_shrinks,
                  max_checks=max_checks, log=log, on_shrink=on_shrink)
     s.run(tuple(p for p in PASSES if p[0] in passes))
     stats.seconds = time.perf_counter() - t

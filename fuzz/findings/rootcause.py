@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from stepfuzz.oracle.case import CaseError, load_case
-from stepfuzz.oracle.kvm.attribute import attribute, root_cause
+from stepfuzz.oracle.kvm.attribute import root_cause_of
 from stepfuzz.oracle.kvm.eras import ERAS
 from stepfuzz.oracle.run import check
 
@@ -29,4 +29,4 @@ def root_of(cd: CrashDir, record: DivergenceRecord) -> dict[str, Any]:
     (r,) = check(case, [ERAS[record.era]])
     if r.divergence is None:
         raise UnreadableRecord(cd.case, f"does not diverge on era {record.era} any more (a finding of another version)")
-    return root_cause(attribute(case, r.era, r.divergence), r.divergence).to_json()
+    return root_cause_of(r).to_json()

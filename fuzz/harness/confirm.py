@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from stepfuzz.oracle.kvm.attribute import RootCause, attribute, root_cause
+from stepfuzz.oracle.kvm.attribute import RootCause, root_cause_of
 from stepfuzz.oracle.run import Result, check
 
 from stepfuzz.fuzz.findings.crashdir import root_id
@@ -69,9 +69,7 @@ class RootCauses:
             root = self.known[d.signature] = self.of_case(r)
         return root
 
-    @staticmethod
-    def of_case(r: Result) -> RootCause:
-        return root_cause(attribute(r.case, r.era, r.divergence), r.divergence)
+    of_case = staticmethod(root_cause_of)
 
 
 class Keeper:

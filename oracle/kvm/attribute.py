@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from ..case import Case
 from ..compare import Divergence, compare
-from ..guest import execute
+from ..guest import ExecLog, execute
 from ..reference import reference
 from ..vocabulary import DivergenceKind
 from .eras import ERAS, POLICY_POINTS, Era
@@ -59,12 +59,9 @@ class Attribution:
     @property
     def fixed_by(self) -> list[str]:
         """The fixing commits of the policy points that matter, each once."""
-        wanted = {name for name, _ in self.points}
         out: list[str] = []
         for fix in self.fixes:
-            for name, commits in fix.commits:
-                if name in wanted:
-                    out += [c for c in commits.split("+") if c not in out]
+            out += [c for c in _commits_of(fix, self.points) if c not in out]
         return out
 
     @property
@@ -127,9 +124,11 @@ def removes(d: Divergence, again: Divergence | None) -> bool:
     return again is None or again.stop > d.stop or (again.stop == d.stop and again.kind != d.kind)
 
 
-def attribute(case: Case, era: Era, d: Divergence | None = None) -> Attribution:
-    """The smallest set of later fixes that removes `era`'s divergence on `case`."""
-    log = execute(case)
+def attribute(case: Case, era: Era, d: Divergence | None = None, log: ExecLog | None = None) -> Attribution:
+    """The smallest set of later fixes that removes `era`'s divergence on `case`
+    (`log`: the case's execution, when the caller has it: every changed era
+    runs over the same one, as every era does in a check)."""
+    log = log if log is not None else execute(case)
     ref = reference(log)
     if d is None:
         d = compare(ref, model_trace(era, log), era.id, log)
@@ -141,7 +140,7 @@ def attribute(case: Case, era: Era, d: Divergence | None = None) -> Attribution:
         nonlocal checks
         checks += 1
         changed = replace(era, **fields)
-        return removes(d, compare(ref, model_trace(changed, execute(case)), era.id, log))
+        return removes(d, compare(ref, model_trace(changed, log), era.id, log))
 
     candidates = candidate_fixes(era)
     released = [f for f in candidates if f.released]
@@ -228,3 +227,10 @@ def root_cause(a: Attribution, d: Divergence) -> RootCause:
         parts.append(f"no later era's choice removes it on {a.era}")
     return RootCause(signature, kind, a.mechanism, tuple(a.fixed_by), fixed_in, tuple(a.functions),
                      tuple(f"{n}={v}" for n, v in a.points), "; ".join(parts))
+
+
+def root_cause_of(r) -> RootCause:
+    """The root cause of a divergent oracle Result (stepfuzz.oracle.run),
+    attributed over the execution the result already has."""
+    return root_cause(attribute(r.case, r.era, r.divergence, r.log), r.divergence)
+

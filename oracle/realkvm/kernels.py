@@ -390,8 +390,9 @@ def fetch(name: str, root: Path | None = None, log: Log = print, refresh: bool =
         raise RealKvmError(f"unknown kernel {name!r} (known: {', '.join(RELEASES)})")
     root = root or cache_root()
     meta = _read_meta(root, name)
-    if meta and corrupt(meta):
-        log(f"{name}: {corrupt(meta)}: fetching it again")
+    problem = corrupt(meta) if meta else ""
+    if problem:
+        log(f"{name}: {problem}: fetching it again")
         meta = None
     if meta and not refresh:
         log(f"{name}: cached: {meta['package']} {meta['version']} ({meta['path']})")
