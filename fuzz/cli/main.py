@@ -172,23 +172,20 @@ def cmd_minimize(args: argparse.Namespace) -> int:
 def cmd_triage(args: argparse.Namespace) -> int:
     from stepfuzz.fuzz.findings.triage import collect, json_lines, markdown, write_html
     (d,) = existing_dirs([args.dir], "crash")
+    from stepfuzz.fuzz.findings.on_kernels import NotConfirmable, resolve_kernels, triage_on_kernels
+    targets = []
     if args.kernels is not None:
-        from stepfuzz.oracle.realkvm import RealKvmError, kernels
-        if not args.kernels.strip():
-            fail("--kernels: name at least one kernel (5.10, 6.1, 6.12, latest or a PATH)")
-        for name in args.kernels.split(","):          # every kernel known before the first boots
-            try:
-                kernels.target(name, native=False) if name != "host" else None
-            except RealKvmError as e:
-                fail(f"--kernels {name}: {e}")
+        try:
+            targets = resolve_kernels(args.kernels.split(","))    # before reading or booting anything
+        except NotConfirmable as e:
+            fail(str(e))
     found = collect(d)
     for e in found.unreadable:
         print(f"stepfuzz: warning: {e}", file=sys.stderr)
     rows = found.rows
-    if args.kernels:
-        from stepfuzz.fuzz.findings.on_kernels import NotConfirmable, triage_on_kernels
+    if targets:
         try:
-            triage_on_kernels(rows, args.kernels.split(","))
+            triage_on_kernels(rows, targets)
         except (NotConfirmable, CaseError) as e:
             fail(str(e))
     title = f"stepfuzz triage: {d}"
