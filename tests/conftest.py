@@ -103,3 +103,20 @@ def padded_6_1_case():
     assert len(case.words) == 40
     return case
 
+
+def survivors(running, seconds: float) -> list[str]:
+    """Wait up to `seconds` for `running()` (pids) to come back empty; kill
+    and return whatever is still running then (for a test to assert on)."""
+    import signal
+    import time
+    deadline = time.time() + seconds
+    while time.time() < deadline and running():
+        time.sleep(0.2)
+    left = running()
+    for pid in left:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, stepfuzz
+from conftest import CORPUS, stepfuzz, survivors
 import stepfuzz.fuzz.inputs.mutate as mutate
 from stepfuzz.fuzz.findings.crashdir import root_id
 from stepfuzz.fuzz.findings.store import CrashStore
@@ -285,10 +285,5 @@ def test_sigkill_of_the_supervisor_leaves_no_worker_fuzzing(tmp_path):
     assert len(harnesses()) >= 3, "libFuzzer's parent and two workers never started"
     proc.kill()                                  # the supervisor alone, as a SIGKILL of it would
     proc.wait()
-    deadline = time.time() + 30
-    while time.time() < deadline and harnesses():
-        time.sleep(0.5)
-    left = harnesses()
-    for pid in left:
-        os.kill(int(pid), signal.SIGKILL)
+    left = survivors(harnesses, 30)
     assert not left, f"still running after the supervisor was killed: {left}"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, make, stepfuzz
+from conftest import REPO, make, stepfuzz, survivors
 from stepfuzz.oracle.asm import AsmError, assemble
 from stepfuzz.oracle.case import CaseError, load_case, loads_case, parse_case
 
@@ -330,12 +330,7 @@ def test_sigkill_of_kvm_run_takes_qemu_with_it(tools, kernel):
     assert found, "QEMU never started"
     proc.kill()
     proc.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in found):
-        time.sleep(0.2)
-    left = [p for p in found if os.path.exists(f"/proc/{p}")]
-    for p in left:
-        os.kill(int(p), signal.SIGKILL)
+    left = survivors(lambda: [p for p in found if os.path.exists(f"/proc/{p}")], 10)
     assert not left, "QEMU outlived a SIGKILL of kvm run"
 
 
@@ -421,10 +416,5 @@ def test_sigkill_of_corpus_merge_stops_the_merge(tmp_path):
         pytest.skip("the merge finished before it could be killed")
     proc.kill()
     proc.wait()
-    deadline = time.time() + 20
-    while time.time() < deadline and merging():
-        time.sleep(0.3)
-    left = merging()
-    for pid in left:
-        os.kill(int(pid), signal.SIGKILL)
+    left = survivors(merging, 20)
     assert not left, "the merge went on after stepfuzz was killed"
