@@ -25,23 +25,55 @@ MAX_RAM = 64 << 20           # total guest RAM a case may declare
 
 REGION_KINDS = ("ram", "mmio", "mmio-kernel")
 REG_NAMES = tuple(f"x{i}" for i in range(31)) + ("sp",)
+# PSTATE.DAIF and the EL1 exception registers a case may start with
+EL1_REG_NAMES = ("daif", "elr_el1", "spsr_el1", "esr_el1", "far_el1")
+DAIF_MASK = 0x3C0
+DAIF_RESET = 0x3C0            # all masked, as a vCPU starts
+SET_REG_NAMES = ("pc", *REG_NAMES, "daif")
 
-# when -> (trigger key, allowed actions)
+# What the VMM can do between two KVM_RUN calls, and the fields each takes
+# (name -> required?).  `debug`: KVM_SET_GUEST_DEBUG; `set-reg`:
+# KVM_SET_ONE_REG; `irq-line`: KVM_IRQ_LINE; `serror`: KVM_SET_VCPU_EVENTS;
+# `vcpu-init`: KVM_ARM_VCPU_INIT again.
+VMM_ACTIONS: dict[str, dict[str, bool]] = {
+    "immediate-exit": {}, "signal": {}, "preempt": {},
+    "set-reg": {"reg": True, "value": True},
+    "debug": {"control": True, "sw-bp": False, "hw-bp": False},
+    "irq-line": {"line": True, "level": True},
+    "serror": {},
+    "vcpu-init": {},
+}
+DEBUG_CONTROLS = ("step", "continue", "off")
+IRQ_LINES = ("irq", "fiq")
+MAX_HW_BPS = 4                # breakpoints every kernel and CPU here gives a VMM
+
+# when -> (trigger key, allowed actions); "" = no count (`start`)
 EVENT_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "before": ("insn", ("host-irq",)),
     "after": ("insn", ("host-irq",)),
     "trap": ("insn", ("signal",)),
-    "mmio-exit": ("n", ("immediate-exit", "signal", "preempt")),
-    "stop": ("n", ("immediate-exit", "signal", "preempt")),
+    "start": ("", tuple(VMM_ACTIONS)),
+    "mmio-exit": ("n", tuple(VMM_ACTIONS)),
+    "stop": ("n", tuple(VMM_ACTIONS)),
+    "hypercall-exit": ("n", tuple(VMM_ACTIONS)),
+    "system-event": ("n", tuple(VMM_ACTIONS)),
+    "eintr": ("n", tuple(VMM_ACTIONS)),
 }
 # events timed by a guest instruction (the others by the VMM's own count of exits/stops)
 INSN_EVENTS = tuple(when for when, (key, _) in EVENT_RULES.items() if key == "insn")
 
-TOP_FIELDS = ("stepfuzz", "name", "code", "regs", "memory", "mmio_read",
-              "events", "max_steps", "expect")
+# what the VMM does with a data abort that has no valid syndrome
+NISV_POLICIES = ("end", "skip", "abort")
+VECTOR_SLOTS = {"sync": 0x200, "irq": 0x280, "fiq": 0x300, "serror": 0x380}
+VECTOR_MAX_INSNS = 32
+SMCCC_FORWARD_MAX = 32        # ranges in one filter
+SMCCC_RESERVED = ((0x80000000, 0x8000FFFF), (0xC0000000, 0xC000FFFF))   # -EEXIST from the filter
+
+TOP_FIELDS = ("stepfuzz", "name", "code", "regs", "memory", "mmio_read", "vectors",
+              "smccc_forward", "hypercall_result", "nisv", "events", "max_steps", "expect")
 # `expect` (optional): what a seed case is known to show, era -> "agree" or a
 # divergence kind; tests and `stepfuzz run` check it.
-EXPECT_VALUES = ("agree", *DivergenceKind)
+EXPECT_VALUES = ("agree", "not-reproducible", *DivergenceKind)
 
 
 class CaseError(ValueError):
@@ -70,11 +102,53 @@ class Region:
 @dataclass(frozen=True, slots=True)
 class Event:
     when: str                 # key of EVENT_RULES
-    at: int                   # the `insn` or `n` value (1-based)
+    at: int                   # the `insn` or `n` value (1-based; 0 for `start`)
     what: str
+    # set-reg
+    reg: str = ""
+    value: int = 0
+    # debug
+    control: str = ""
+    sw_bp: bool = False
+    hw_bp: tuple[int, ...] = ()
+    # irq-line
+    line: str = ""
+    level: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"when": self.when, EVENT_RULES[self.when][0]: self.at, "what": self.what}
+        key = EVENT_RULES[self.when][0]
+        out: dict[str, Any] = {"when": self.when, **({key: self.at} if key else {}), "what": self.what}
+        if self.what == "set-reg":
+            out |= {"reg": self.reg, "value": hex(self.value)}
+        elif self.what == "debug":
+            out["control"] = self.control
+            if self.sw_bp:
+                out["sw-bp"] = True
+            if self.hw_bp:
+                out["hw-bp"] = [hex(a) for a in self.hw_bp]
+        elif self.what == "irq-line":
+            out |= {"line": self.line, "level": self.level}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Vectors:
+    """The guest's own exception handlers: VBAR_EL1 and the code at each
+    vector taken from EL1 with SP_EL1 (base + VECTOR_SLOTS[kind])."""
+    base: int
+    handlers: tuple[tuple[str, tuple[int, ...], str | None], ...]   # (kind, words, asm text)
+
+    def words_at(self, kind: str) -> tuple[int, ...]:
+        for k, words, _ in self.handlers:
+            if k == kind:
+                return words
+        return ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"base": hex(self.base)}
+        for kind, words, asm in self.handlers:
+            out[kind] = asm if asm is not None else [f"0x{w:08x}" for w in words]
+        return out
 
 
 @dataclass(frozen=True)
@@ -85,6 +159,11 @@ class Case:
     memory: tuple[Region, ...] = ()
     mmio_read: int = 0
     events: tuple[Event, ...] = ()
+    el1_regs: tuple[tuple[str, int], ...] = ()    # daif and EL1 exception registers at the start
+    vectors: Vectors | None = None
+    smccc_forward: tuple[tuple[int, int], ...] = ()   # (first function id, count) forwarded to the VMM
+    hypercall_result: int = 0         # x0 the VMM answers a forwarded hypercall with
+    nisv: str = "end"                 # NISV_POLICIES
     max_steps: int = DEFAULT_MAX_STEPS
     name: str = ""
     asm: str | None = None            # the source text, when the case was written in assembly
@@ -112,14 +191,22 @@ class Case:
         if self.name:
             out["name"] = self.name
         out["code"] = code
-        if self.regs:
-            out["regs"] = {k: hex(v) for k, v in self.regs}
+        if self.regs or self.el1_regs:
+            out["regs"] = {k: hex(v) for k, v in self.regs + self.el1_regs}
         out["memory"] = [
             {"base": hex(r.base), "size": hex(r.size), "kind": r.kind,
              **({"prefault": True} if r.prefault else {})}
             for r in self.memory]
         if self.mmio_read:
             out["mmio_read"] = hex(self.mmio_read)
+        if self.vectors is not None:
+            out["vectors"] = self.vectors.to_json()
+        if self.smccc_forward:
+            out["smccc_forward"] = [[hex(first), count] for first, count in self.smccc_forward]
+        if self.hypercall_result:
+            out["hypercall_result"] = hex(self.hypercall_result)
+        if self.nisv != "end":
+            out["nisv"] = self.nisv
         if self.events:
             out["events"] = [e.to_json() for e in self.events]
         if self.max_steps != DEFAULT_MAX_STEPS:
@@ -136,6 +223,18 @@ class Case:
         """Does it need an event timed by a guest instruction?  No VMM can
         time one, so such a case reproduces in the models only."""
         return any(e.when in INSN_EVENTS for e in self.events)
+
+    def daif(self) -> int:
+        return dict(self.el1_regs).get("daif", DAIF_RESET)
+
+    def needs(self) -> tuple[str, ...]:
+        """The KVM API features (eras.FEATURES) a VMM needs to run this case."""
+        return ("smccc-filter",) if self.smccc_forward else ()
+
+    def forwards(self, func: int) -> bool:
+        """Does the VMM ask KVM to forward SMCCC function `func` to it?"""
+        func &= 0xFFFFFFFF
+        return any(first <= func < first + count for first, count in self.smccc_forward)
 
     def keep_key(self) -> tuple[bool, int]:
         """Which of two cases of one finding to keep: one a VMM can reproduce,
@@ -251,13 +350,25 @@ def parse_case(data: Any, source: str = "<case>") -> Case:
     if len(words) > MAX_INSNS:
         raise CaseError(src, "code", f"{len(words)} instructions (at most {MAX_INSNS})")
 
-    regs_in = _obj(top.get("regs", {}), src, "regs", REG_NAMES)
+    regs_in = _obj(top.get("regs", {}), src, "regs", REG_NAMES + EL1_REG_NAMES)
     regs = tuple((k, _num(regs_in[k], src, f"regs.{k}")) for k in REG_NAMES if k in regs_in)
+    el1_regs = tuple((k, _num(regs_in[k], src, f"regs.{k}")) for k in EL1_REG_NAMES if k in regs_in)
+    for k, v in el1_regs:
+        if k == "daif" and v & ~DAIF_MASK:
+            raise CaseError(src, "regs.daif", f"{v:#x} has bits outside D, A, I, F ({DAIF_MASK:#x})")
+        if k == "spsr_el1" and v >> 32:
+            raise CaseError(src, "regs.spsr_el1", f"{v:#x} is wider than 32 bits")
 
     memory = tuple(_parse_region(r, src, i) for i, r in enumerate(_list(top.get("memory", []), src, "memory")))
     _check_memory(memory, base, len(words), src)
 
     mmio_read = _num(top.get("mmio_read", 0), src, "mmio_read")
+    vectors = _parse_vectors(top["vectors"], src, memory, base, len(words)) if "vectors" in top else None
+    smccc_forward = _parse_smccc_forward(top.get("smccc_forward", []), src)
+    hypercall_result = _num(top.get("hypercall_result", 0), src, "hypercall_result")
+    nisv = top.get("nisv", "end")
+    if not isinstance(nisv, str) or nisv not in NISV_POLICIES:
+        raise CaseError(src, "nisv", f"unknown policy {_show(nisv)} (known: {', '.join(NISV_POLICIES)})")
     events = tuple(_parse_event(e, src, i) for i, e in enumerate(_list(top.get("events", []), src, "events")))
     max_steps = _num(top.get("max_steps", DEFAULT_MAX_STEPS), src, "max_steps")
     if not 1 <= max_steps <= MAX_STEPS_LIMIT:
@@ -265,7 +376,69 @@ def parse_case(data: Any, source: str = "<case>") -> Case:
     expect = _parse_expect(top.get("expect", {}), src)
     return Case(base=base, words=words, regs=regs, memory=memory, mmio_read=mmio_read,
                 events=events, max_steps=max_steps, name=name, asm=asm_text, expect=expect,
-                source=src)
+                el1_regs=el1_regs, vectors=vectors, smccc_forward=smccc_forward,
+                hypercall_result=hypercall_result, nisv=nisv, source=src)
+
+
+def _parse_vectors(value: Any, src: str, memory: tuple[Region, ...], base: int, n: int) -> Vectors:
+    v = _obj(value, src, "vectors", ("base", *VECTOR_SLOTS))
+    if "base" not in v:
+        raise CaseError(src, "vectors.base", "missing")
+    vbar = _num(v["base"], src, "vectors.base")
+    if vbar % 0x800:
+        raise CaseError(src, "vectors.base", f"{vbar:#x} is not 2 KiB aligned (VBAR_EL1)")
+    table_end = vbar + 0x800
+    home = next((r for r in memory if r.base <= vbar < r.end), None)
+    if home is None or home.kind != "ram" or table_end > home.end:
+        raise CaseError(src, "vectors.base", f"the table {vbar:#x}..{table_end:#x} is not inside one ram region")
+    if vbar < base + 4 * (n + 1) and base < table_end:
+        raise CaseError(src, "vectors.base", f"the table {vbar:#x}..{table_end:#x} overlaps the code")
+    handlers = []
+    for kind, offset in VECTOR_SLOTS.items():
+        if kind not in v:
+            continue
+        where = f"vectors.{kind}"
+        text: str | None = None
+        if isinstance(v[kind], list):
+            words = tuple(_num(w, src, f"{where}[{i}]", bits=32) for i, w in enumerate(v[kind]))
+        else:
+            text = _text(v[kind], src, where)
+            from .asm import AsmError, assemble
+            try:
+                words = tuple(assemble(text, vbar + offset))
+            except AsmError as e:
+                raise CaseError(src, where, str(e)) from None
+        if not words:
+            raise CaseError(src, where, "no instructions")
+        if len(words) > VECTOR_MAX_INSNS:
+            raise CaseError(src, where, f"{len(words)} instructions (at most {VECTOR_MAX_INSNS})")
+        handlers.append((kind, words, text))
+    return Vectors(vbar, tuple(handlers))
+
+
+def _parse_smccc_forward(value: Any, src: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    items = _list(value, src, "smccc_forward")
+    if len(items) > SMCCC_FORWARD_MAX:
+        raise CaseError(src, "smccc_forward", f"{len(items)} ranges (at most {SMCCC_FORWARD_MAX})")
+    for i, item in enumerate(items):
+        where = f"smccc_forward[{i}]"
+        pair = _list(item, src, where)
+        if len(pair) != 2:
+            raise CaseError(src, where, "expected [first function id, count]")
+        first = _num(pair[0], src, f"{where}[0]", bits=32)
+        count = _num(pair[1], src, f"{where}[1]", bits=32)
+        if count < 1 or first + count > 1 << 32:
+            raise CaseError(src, where, f"[{first:#x}, {count}] is not a range of 32-bit function ids")
+        for lo, hi in SMCCC_RESERVED:
+            if first <= hi and lo < first + count:
+                raise CaseError(src, where, f"overlaps the Arm architecture calls {lo:#x}..{hi:#x}, "
+                                "which KVM keeps for itself (the filter refuses them)")
+        for j, (f2, c2) in enumerate(ranges):
+            if first < f2 + c2 and f2 < first + count:
+                raise CaseError(src, where, f"overlaps smccc_forward[{j}] (KVM refuses overlapping filter ranges)")
+        ranges.append((first, count))
+    return tuple(ranges)
 
 
 def _parse_expect(value: Any, src: str) -> tuple[tuple[str, str], ...]:
@@ -325,16 +498,58 @@ def _parse_event(value: Any, src: str, i: int) -> Event:
     if not isinstance(when, str) or when not in EVENT_RULES:
         raise CaseError(src, f"{where}.when", f"unknown trigger {_show(when)} (known: {', '.join(EVENT_RULES)})")
     key, actions = EVENT_RULES[when]
-    _obj(value, src, where, ("when", key, "what"))
-    if key not in value:
-        raise CaseError(src, f"{where}.{key}", f"missing (a '{when}' event counts {key})")
-    at = _num(value[key], src, f"{where}.{key}", bits=32)
-    if at < 1:
-        raise CaseError(src, f"{where}.{key}", "counts from 1")
     what = value.get("what")
     if not isinstance(what, str) or what not in actions:
         raise CaseError(src, f"{where}.what", f"{_show(what)} cannot happen at '{when}' (allowed: {', '.join(actions)})")
-    return Event(when, at, what)
+    fields = VMM_ACTIONS.get(what, {}) if key != "insn" else {}
+    _obj(value, src, where, ("when", *((key,) if key else ()), "what", *fields))
+    at = 0
+    if key:
+        if key not in value:
+            raise CaseError(src, f"{where}.{key}", f"missing (a '{when}' event counts {key})")
+        at = _num(value[key], src, f"{where}.{key}", bits=32)
+        if at < 1:
+            raise CaseError(src, f"{where}.{key}", "counts from 1")
+    for name, required in fields.items():
+        if required and name not in value:
+            raise CaseError(src, f"{where}.{name}", f"missing (a '{what}' event needs it)")
+    args: dict[str, Any] = {}
+    if what == "set-reg":
+        reg = value["reg"]
+        if not isinstance(reg, str) or reg not in SET_REG_NAMES:
+            raise CaseError(src, f"{where}.reg", f"unknown register {_show(reg)} (known: pc, x0-x30, sp, daif)")
+        v = _num(value["value"], src, f"{where}.value")
+        if reg == "pc" and v % 4:
+            raise CaseError(src, f"{where}.value", f"PC {v:#x} is not 4-byte aligned")
+        if reg == "daif" and v & ~DAIF_MASK:
+            raise CaseError(src, f"{where}.value", f"{v:#x} has bits outside D, A, I, F ({DAIF_MASK:#x})")
+        args = {"reg": reg, "value": v}
+    elif what == "debug":
+        control = value["control"]
+        if not isinstance(control, str) or control not in DEBUG_CONTROLS:
+            raise CaseError(src, f"{where}.control", f"unknown control {_show(control)} (known: {', '.join(DEBUG_CONTROLS)})")
+        sw_bp = value.get("sw-bp", False)
+        if not isinstance(sw_bp, bool):
+            raise CaseError(src, f"{where}.sw-bp", "expected true or false")
+        bps = _list(value.get("hw-bp", []), src, f"{where}.hw-bp")
+        if len(bps) > MAX_HW_BPS:
+            raise CaseError(src, f"{where}.hw-bp", f"{len(bps)} breakpoints (at most {MAX_HW_BPS})")
+        hw_bp = tuple(_num(a, src, f"{where}.hw-bp[{i}]") for i, a in enumerate(bps))
+        for i, a in enumerate(hw_bp):
+            if a % 4:
+                raise CaseError(src, f"{where}.hw-bp[{i}]", f"{a:#x} is not 4-byte aligned")
+        if control == "off" and (sw_bp or hw_bp):
+            raise CaseError(src, where, "breakpoints need debug enabled ('step' or 'continue'), not 'off'")
+        args = {"control": control, "sw_bp": sw_bp, "hw_bp": tuple(sorted(set(hw_bp)))}
+    elif what == "irq-line":
+        line = value["line"]
+        if not isinstance(line, str) or line not in IRQ_LINES:
+            raise CaseError(src, f"{where}.line", f"unknown line {_show(line)} (known: {', '.join(IRQ_LINES)})")
+        level = _num(value["level"], src, f"{where}.level")
+        if level not in (0, 1):
+            raise CaseError(src, f"{where}.level", f"{level} is not 0 or 1")
+        args = {"line": line, "level": level}
+    return Event(when, at, what, **args)
 
 
 def loads_case(text: str, source: str = "<case>") -> Case:

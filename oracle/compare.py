@@ -39,6 +39,7 @@ class Divergence:
                 DivergenceKind.SKIPPED: "an instruction skipped without running",
                 DivergenceKind.PC_MISMATCH: "a stop at the wrong PC",
                 DivergenceKind.MISSING_STOP: "a missing stop", DivergenceKind.EXTRA_STOP: "an extra stop",
+                DivergenceKind.STOP_KIND: "a stop of the wrong kind",
                 DivergenceKind.OUTCOME: "a different run ending", DivergenceKind.STATE: "a different final guest state"}[self.kind]
         return f"{self.era}: {what} after {self.cause.replace('+', ' + ')}"
 
@@ -55,7 +56,7 @@ def _sig_id(signature: str) -> str:
 
 
 def _stop_json(s: Stop | None) -> dict | None:
-    return None if s is None else {"pc": s.pc, "steps": s.steps, "isv": s.isv}
+    return None if s is None else {"pc": s.pc, "steps": s.steps, "isv": s.isv, "ec": s.ec}
 
 
 @lru_cache(maxsize=4096)   # a pure function of a short tuple; campaigns meet the same few often
@@ -88,19 +89,24 @@ def _cause(why: tuple[str, ...]) -> str:
 def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
     first_skip = min(i for i, _ in model.skipped) if model.skipped else None
     stops = model.stops
+    plain = ref.full is None
     for i in range(model.agreed, min(len(ref.pcs), len(stops))):
         pc, got = ref.pcs[i], stops[i]
-        if got.steps == 1 and got.pc == pc:
+        want = 1 if plain else ref.full[i].steps
+        if got.steps == want and got.pc == pc and got.ec == ref.ec_at(i):
             continue
         if first_skip is not None and first_skip <= i:
             kind = DivergenceKind.SKIPPED
-        elif got.steps == 0:
-            kind = DivergenceKind.ZERO_STEP
-        elif got.steps >= 2:
+        elif got.steps < want:
+            kind = DivergenceKind.ZERO_STEP if got.steps == 0 else DivergenceKind.PC_MISMATCH
+        elif got.steps > want:
             kind = DivergenceKind.MULTI_STEP
-        else:
+        elif got.pc != pc:
             kind = DivergenceKind.PC_MISMATCH
-        return Divergence(era, kind, i, _cause(got.why), Stop(pc, 1, HSR_STEPPED), got)
+        else:
+            kind = DivergenceKind.STOP_KIND
+        expected = Stop(pc, 1, HSR_STEPPED) if plain else ref.full[i]
+        return Divergence(era, kind, i, _cause(got.why), expected, got)
     n = min(len(ref.pcs), len(stops))
     if len(stops) != len(ref.pcs):
         if len(stops) > n:
@@ -110,12 +116,17 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
                     DivergenceKind.MULTI_STEP if got.steps > 1 else DivergenceKind.EXTRA_STOP)
             return Divergence(era, kind, n, _cause(got.why), None, got)
         return Divergence(era, DivergenceKind.MISSING_STOP, n, _cause(model.tail_why + (model.outcome,)),
-                          Stop(ref.pcs[n], 1, HSR_STEPPED), None, detail=model.detail)
+                          ref.stops[n] if ref.full is not None else Stop(ref.pcs[n], 1, HSR_STEPPED), None,
+                          detail=model.detail)
     if model.outcome != ref.outcome:
         return Divergence(era, DivergenceKind.OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
                           detail=model.detail)
-    if model.final_regs is not None and log is not None and model.final_regs != log.final_regs():
-        diff = sorted(k for k, v in model.final_regs.items() if log.final_regs()[k] != v)
+    if (model.final_regs is not None or ref.final_regs is not None) and log is not None:
+        want = ref.final_regs or log.final_regs()
+        got = model.final_regs or log.final_regs()
+        if got == want:
+            return None
+        diff = sorted(k for k, v in got.items() if want[k] != v)
         return Divergence(era, DivergenceKind.STATE, n, "skip" if model.skipped else "emulation", None, None,
                           detail="registers differ: " + ", ".join(diff))
     return None

@@ -27,7 +27,7 @@ from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_INSNS, MAX_RAM, PAGE, Case
 from .isa import B_SELF, MASK64, InsnClass, address, decode
-from .vocabulary import Meets, Outcome
+from .vocabulary import Meets, Outcome, SmcAbi
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM but the code pages
 ARENA_SIZE = MAX_RAM + 2 * PAGE
@@ -51,6 +51,7 @@ RW = ucc.UC_PROT_READ | ucc.UC_PROT_WRITE
 # PSCI / SMCCC as KVM answers them (the runner pins PSCI to v1.0 so every
 # kernel answers alike).  Any other function id in these service ranges is
 # implemented by some kernel with some effect -> not modelled.
+SMC_ALL_ONES, SMC_SMCCC = SmcAbi.ALL_ONES, SmcAbi.SMCCC
 PSCI_VERSION_1_0 = 0x10000
 HVC_RESULTS = {0x84000000: PSCI_VERSION_1_0,     # PSCI_VERSION
                0x84000006: 2,                    # MIGRATE_INFO_TYPE: no trusted OS to migrate
@@ -61,6 +62,12 @@ KVM_HVC_RANGES = ((0x80000000, 0x8000FFFF), (0x84000000, 0x8400FFFF), (0xC400000
 
 X_REGS = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
 REG_IDS = dict(zip([f"x{i}" for i in range(31)], X_REGS)) | {"sp": A.UC_ARM64_REG_SP}
+# the EL1 exception registers a case may set, as (op0, op1, CRn, CRm, op2)
+EL1_SYSREGS = {"elr_el1": (3, 0, 4, 0, 1), "spsr_el1": (3, 0, 4, 0, 0),
+               "esr_el1": (3, 0, 5, 2, 0), "far_el1": (3, 0, 6, 0, 0)}
+DAIF = 0x3C0
+
+Write = tuple[int, str, int]      # (instructions completed, register, value): a write from outside the guest
 
 
 def hvc_result(func: int) -> int | None:
@@ -100,7 +107,8 @@ class ExecLog:
     specials: dict[int, Special]      # by dynamic index, including the index n of a run ending
     outcome: str                      # an Outcome
     detail: str = ""
-    redirects: tuple[tuple[int, int], ...] = ()
+    writes: tuple[Write, ...] = ()    # register writes from outside the guest ("pc": where it goes on)
+    smc_abi: str = SMC_SMCCC
     _regs: dict[str, int] | None = field(default=None, repr=False)
 
     @cached_property
@@ -117,15 +125,20 @@ class ExecLog:
     def final_regs(self) -> dict[str, int]:
         """x0-x30 and sp when the run ended (re-executes the case: rarely needed)."""
         if self._regs is None:
-            self._regs = machine().run(self.case, self.redirects, want_regs=True)._regs
+            self._regs = machine().run(self.case, self.writes, self.smc_abi, want_regs=True)._regs
         return self._regs
 
+    def again(self, *writes: Write) -> "ExecLog":
+        """The same execution with more writes from outside: where a VMM or a
+        kernel changes the guest's registers, or a model takes the guest off
+        its ideal path."""
+        return machine().run(self.case, self.writes + writes, self.smc_abi)
 
-def execute(case: Case, redirects: tuple[tuple[int, int], ...] = ()) -> ExecLog:
-    """Run `case` in its ideal order.  `redirects` ((i, pc), ...) sets the PC to
-    `pc` once i instructions have completed: how a model that skips an
-    instruction continues on its own path."""
-    return machine().run(case, redirects)
+
+def execute(case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SMC_SMCCC) -> ExecLog:
+    """Run `case` in its ideal order.  Each write (i, reg, value) sets `reg`
+    once i instructions have completed (`pc`: execution goes on there)."""
+    return machine().run(case, writes, smc_abi)
 
 
 def forget_code() -> None:
@@ -349,6 +362,11 @@ class Machine:
             pc -= 4                        # Unicorn reports HVC with the return address
             func = self.regs[A.UC_ARM64_REG_X0]
             imm = decode(self._word(pc)).imm
+            if imm == 0 and self.case.forwards(func):
+                # KVM_EXIT_HYPERCALL; the VMM answers in x0 (KVM_SET_ONE_REG)
+                self.regs[X_REGS[0]] = self.case.hypercall_result
+                self.specials[self._index(pc)] = Special(kind=Meets.HVC_FORWARDED, detail=f"{func & 0xFFFFFFFF:#x}")
+                return
             result = hvc_result(func) if imm == 0 else None
             if result is not None:
                 for reg, value in zip(X_REGS[:4], (result, 0, 0, 0)):
@@ -359,8 +377,15 @@ class Machine:
             self._ending(pc, Outcome.UNSUPPORTED, f"hvc #{imm} with function {func & 0xFFFFFFFF:#x} is not modelled")
         elif self.outcome is None:
             self._cut(pc)
-            self._ending(pc, Outcome.GUEST_EXCEPTION, f"exception {intno} at {pc:#x}")
+            self._exception(pc, f"exception {intno} at {pc:#x}")
         uc.emu_stop()
+
+    def _exception(self, pc: int, detail: str) -> None:
+        """An exception taken to the guest's own EL1 ends the run."""
+        if self.case.vectors is not None:
+            self._ending(pc, Outcome.UNSUPPORTED, f"{detail}: exception vectors are not modelled yet")
+        else:
+            self._ending(pc, Outcome.GUEST_EXCEPTION, detail)
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -396,12 +421,16 @@ class Machine:
 
     # ------------------------------------------------------------ running
 
-    def run(self, case: Case, redirects: tuple[tuple[int, int], ...] = (), want_regs: bool = False) -> ExecLog:
+    def run(self, case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SMC_SMCCC,
+            want_regs: bool = False) -> ExecLog:
         uc, regs = self.uc, self.regs
         self._load(case)
         uc.context_restore(self.reset_context)
         for name, value in case.regs:
             regs[REG_IDS[name]] = value
+        if case.el1_regs:
+            self._el1_regs(case)
+        self.smc_abi = smc_abi
         self.touched: set[int] = set()
         self.faults: dict[int, list[str]] = {}
         self.specials: dict[int, Special] = {}
@@ -412,20 +441,34 @@ class Machine:
         self.outcome: str | None = None
         self.detail, self.stop_pc = "", case.base
         self.dbgregs: dict[str, int] = {}
-        pending = dict(redirects)
+        pending: dict[int, list[tuple[str, int]]] = {}
+        for i, reg, value in writes:
+            pending.setdefault(i, []).append((reg, value))
         pc = case.base
         while self.outcome is None:
+            if self.retired in pending:
+                pc = self._apply(pending.pop(self.retired), pc)
             if pc == case.end:
                 self._ending(pc, Outcome.END, "")
                 break
             self.fault = None
+            # With a write to come, stop exactly where it applies.  Unicorn
+            # counts instructions only in blocks translated while counting,
+            # so translations are flushed around a counted run (only then).
+            count = min(pending) - self.retired if pending else 0
+            if count > 0:
+                self.regs.flush_tb()
             try:
-                uc.emu_start(pc, 0)
+                uc.emu_start(pc, 0, count=count) if count > 0 else uc.emu_start(pc, 0)
             except UcError as e:
+                if count > 0:
+                    self.regs.flush_tb()
                 pc = regs[A.UC_ARM64_REG_PC]
                 self._cut(pc)
                 pc = self._on_fault(pc, e)
             else:
+                if count > 0:
+                    self.regs.flush_tb()
                 if self.outcome is not None:
                     break
                 pc = regs[A.UC_ARM64_REG_PC]
@@ -433,16 +476,33 @@ class Machine:
                 if self.retired >= self.budget and pc != case.end:
                     self._ending(pc, Outcome.MAX_STEPS, "")
                     break
-                if pc != case.end:
+                if pc != case.end and self.retired not in pending:
                     pc = self._on_exit(pc)
-            if self.retired in pending and self.outcome is None:
-                pc = pending.pop(self.retired)
-        return self._log(case, redirects, want_regs)
+        return self._log(case, writes, want_regs)
+
+    def _apply(self, writes: list[tuple[str, int]], pc: int) -> int:
+        """Registers written from outside the guest; returns where it goes on."""
+        for reg, value in writes:
+            if reg == "pc":
+                pc = value
+            elif reg == "daif":
+                pstate = self.regs[A.UC_ARM64_REG_PSTATE]
+                self.regs[A.UC_ARM64_REG_PSTATE] = (pstate & ~DAIF) | value
+            else:
+                self.regs[REG_IDS[reg]] = value
+        return pc
+
+    def _el1_regs(self, case: Case) -> None:
+        for name, value in case.el1_regs:
+            if name == "daif":
+                self.regs[A.UC_ARM64_REG_PSTATE] = (PSTATE_RESET & ~DAIF) | value
+            else:
+                write_sysreg(self.uc, *EL1_SYSREGS[name], value)
 
     def _on_fault(self, pc: int, err: UcError) -> int:
         """Emulation stopped on a TLB refusal at `pc`: MMIO, or leaving guest memory."""
         if self.fault is None:
-            self._ending(pc, Outcome.GUEST_EXCEPTION, f"{err} at {pc:#x}")
+            self._exception(pc, f"{err} at {pc:#x}")
             return pc
         addr, access = self.fault
         if access == FETCH:
@@ -457,7 +517,7 @@ class Machine:
             # the TLB reports the page; KVM reports the address accessed
             addr = address(word, self._base_reg, pc)
         if addr >= IPA_LIMIT:
-            self._ending(pc, Outcome.GUEST_EXCEPTION, f"access to {addr:#x}, beyond the guest physical space")
+            self._exception(pc, f"access to {addr:#x}, beyond the guest physical space")
             return pc
         if insn.kind != InsnClass.MEM:
             self._ending(pc, Outcome.UNSUPPORTED, f"non load/store access to {addr:#x}")
@@ -494,8 +554,33 @@ class Machine:
             if insn.rs != 31:
                 self.regs[X_REGS[insn.rs]] = 1
             return self._complete(pc, None)
+        if insn.kind == InsnClass.BRK:
+            # A debug exit to the VMM (MDCR_EL2.TDE): the guest waits at it
+            # until the VMM moves it on.
+            self._ending(pc, Outcome.BREAKPOINT, f"brk #{insn.imm:#x}")
+            return pc
+        if insn.kind == InsnClass.SMC:
+            return self._smc(pc, insn.imm)
         self._ending(pc, Outcome.UNSUPPORTED, f"{insn.reason} is not modelled")
         return pc
+
+    def _smc(self, pc: int, imm: int) -> int:
+        """SMC, trapped by HCR_EL2.TSC and emulated by KVM (SMC_* above)."""
+        regs = self.regs
+        func = regs[X_REGS[0]] & 0xFFFFFFFF
+        if self.smc_abi == SMC_SMCCC and imm == 0:
+            if self.case.forwards(func):
+                regs[X_REGS[0]] = self.case.hypercall_result
+                return self._complete(pc, Special(kind=Meets.SMC_FORWARDED, detail=f"{func:#x}"))
+            result = hvc_result(func)
+            if result is None:
+                self._ending(pc, Outcome.UNSUPPORTED, f"smc #0 with function {func:#x} is not modelled")
+                return pc
+            for reg, value in zip(X_REGS[:4], (result, 0, 0, 0)):
+                regs[reg] = value
+        else:
+            regs[X_REGS[0]] = NOT_SUPPORTED
+        return self._complete(pc, Special(kind=Meets.SMC, detail=f"{func:#x}"))
 
     def _base_reg(self, n: int) -> int:
         return self.regs[A.UC_ARM64_REG_SP if n == 31 else X_REGS[n]]
@@ -506,7 +591,7 @@ class Machine:
             return case.words[(pc - case.base) >> 2]
         return B_SELF if pc == case.end else int.from_bytes(self.uc.mem_read(self._code_phys(pc), 4), "little")
 
-    def _log(self, case: Case, redirects: tuple[tuple[int, int], ...], want_regs: bool) -> ExecLog:
+    def _log(self, case: Case, writes: tuple[Write, ...], want_regs: bool) -> ExecLog:
         pcs: list[int] = []
         for addr, count in self.segments:
             pcs.extend(range(addr, addr + 4 * count, 4))
@@ -519,7 +604,7 @@ class Machine:
                 specials[index] = Special(tuple(kinds), old.kind, old.access, old.detail)
         if self.outcome not in (Outcome.END, Outcome.MAX_STEPS):
             specials[n] = Special(specials.get(n, Special()).faults, self.outcome, detail=self.detail)
-        log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, redirects)
+        log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, writes, self.smc_abi)
         if want_regs:
             log._regs = {name: self.regs[rid] for name, rid in REG_IDS.items()}
         return log

@@ -21,6 +21,8 @@ class InsnClass(IntEnum):
     HVC = 3
     STORE_EXCLUSIVE = 4   # always fails under stepping
     UNSUPPORTED = 5       # not modelled
+    BRK = 6               # a breakpoint instruction: a debug exit while KVM debugs the guest
+    SMC = 7               # trapped to KVM (HCR_EL2.TSC) and emulated there
 
 
 MASK64 = (1 << 64) - 1
@@ -49,7 +51,8 @@ class Insn:
     stops: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stops", self.kind in (InsnClass.STORE_EXCLUSIVE, InsnClass.UNSUPPORTED))
+        object.__setattr__(self, "stops", self.kind in (InsnClass.STORE_EXCLUSIVE, InsnClass.UNSUPPORTED,
+                                                        InsnClass.BRK, InsnClass.SMC))
 
 
 _PLAIN = Insn(InsnClass.PLAIN)
@@ -65,6 +68,12 @@ NATIVE_SYSREGS = {
     (0, 4, 1, 0): ("sp_el0", True),
     (0, 4, 2, 2): ("currentel", False),
     (0, 4, 2, 0): ("spsel", True),
+    # the EL1 exception registers: never trapped (TVM traps writes of ESR
+    # and FAR, so only their reads are native)
+    (0, 4, 0, 1): ("elr_el1", True),
+    (0, 4, 0, 0): ("spsr_el1", True),
+    (0, 5, 2, 0): ("esr_el1", False),
+    (0, 6, 0, 0): ("far_el1", False),
 }
 
 DEBUG_REG_KINDS = {4: "dbgbvr", 5: "dbgbcr", 6: "dbgwvr", 7: "dbgwcr"}
@@ -157,9 +166,14 @@ def _guess_write(w: int) -> bool:
 
 def _exception(w: int) -> Insn:
     opc, ll = (w >> 21) & 7, w & 3
+    imm = (w >> 5) & 0xFFFF
     if (opc, ll) == (0, 2):
-        return Insn(InsnClass.HVC, imm=(w >> 5) & 0xFFFF)
-    name = {(0, 1): "svc", (0, 3): "smc", (1, 0): "brk", (2, 0): "hlt"}.get((opc, ll), "dcps")
+        return Insn(InsnClass.HVC, imm=imm)
+    if (opc, ll) == (0, 3):
+        return Insn(InsnClass.SMC, imm=imm)
+    if (opc, ll) == (1, 0):
+        return Insn(InsnClass.BRK, imm=imm)
+    name = {(0, 1): "svc", (2, 0): "hlt"}.get((opc, ll), "dcps")
     return unsupported(name)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .vocabulary import ExitKind, is_completion
+from .vocabulary import Ec, ExitKind, is_completion
 
 # Syndromes KVM reports in kvm_run.debug.arch.hsr for a step
 EC_SOFTSTP_LOW = 0x32
@@ -16,6 +16,20 @@ HSR_STEPPED = (EC_SOFTSTP_LOW << 26) | (1 << 25) | (1 << 24) | 0x22   # ISV=1: a
 HSR_NOT_STEPPED = (EC_SOFTSTP_LOW << 26) | (1 << 25) | 0x22            # ISV=0: taken before any instruction
 HSR_EX = 1 << 6                                                         # the stepped instruction was a load-exclusive
 HSR_FAKED = EC_SOFTSTP_LOW << 26                                        # what 4.15-era KVM writes when it fakes a step
+EC_HW_BP_LOW, EC_WATCHPT_LOW, EC_BRK64 = 0x30, 0x34, 0x3C
+HSR_BREAKPOINT = (EC_HW_BP_LOW << 26) | (1 << 25) | 0x22               # a hardware breakpoint (debug IFSC)
+EC_KINDS = {EC_SOFTSTP_LOW: Ec.SOFTSTEP, EC_BRK64: Ec.BRK, EC_HW_BP_LOW: Ec.BREAKPOINT, EC_WATCHPT_LOW: Ec.WATCHPOINT}
+
+
+def hsr_brk(imm: int) -> int:
+    """The syndrome of a BRK #imm exit."""
+    return (EC_BRK64 << 26) | (1 << 25) | (imm & 0xFFFF)
+
+
+def ec_of(hsr: int) -> str:
+    """A stop's kind of debug exception, from its syndrome (hex for any other EC)."""
+    ec = hsr >> 26
+    return EC_KINDS.get(ec, f"ec-{ec:#x}")
 
 
 class Exit(NamedTuple):
@@ -50,6 +64,10 @@ class Stop(NamedTuple):
     def isv(self) -> int:
         return (self.hsr >> 24) & 1
 
+    @property
+    def ec(self) -> str:
+        return ec_of(self.hsr)
+
 
 @dataclass
 class Trace:
@@ -66,11 +84,25 @@ class Trace:
 
 @dataclass
 class RefTrace:
-    """The ideal trace: one stop after every completed instruction."""
-    pcs: list[int]            # stop i is at pcs[i], one step each
+    """The ideal trace.  Stepping alone it is one stop after every completed
+    instruction (`pcs`); with the VMM's side of the conversation (debug
+    controls, breakpoints, exits it answers) `full` holds its stops, whose
+    steps and kinds vary."""
+    pcs: list[int]            # stop i is at pcs[i]
     outcome: str
     detail: str = ""
+    full: list[Stop] | None = None     # None: every stop is one step, a software step
+    tail: tuple[Exit, ...] = ()
+    final_regs: dict[str, int] | None = None   # when the VMM's writes took it off the ideal path
 
     @property
     def stops(self) -> list[Stop]:
+        if self.full is not None:
+            return self.full
         return [Stop(pc, 1, HSR_STEPPED) for pc in self.pcs]
+
+    def steps_at(self, i: int) -> int:
+        return 1 if self.full is None else self.full[i].steps
+
+    def ec_at(self, i: int) -> str:
+        return Ec.SOFTSTEP if self.full is None else self.full[i].ec

@@ -17,9 +17,11 @@ class Outcome(StrEnum):
     GUEST_EXCEPTION = "guest-exception"   # an exception taken to the guest's own EL1
     UNSUPPORTED = "unsupported"           # an instruction stepfuzz does not model
     NO_SYNDROME = "no-syndrome"           # MMIO without a valid ISS: KVM_RUN fails with ENOSYS
+    BREAKPOINT = "breakpoint"             # a BRK or breakpoint stop that no event answered
     LEFT_CODE = "left-code"               # the guest branched outside its code
     STUCK = "stuck"                       # a model made no progress (never expected)
     DIVERGED = "diverged"                 # a model stopped at its first divergence, on request
+    NOT_REPRODUCIBLE = "not-reproducible" # the case needs a KVM feature this era's kernels lack
 
 
 class DivergenceKind(StrEnum):
@@ -28,6 +30,7 @@ class DivergenceKind(StrEnum):
     MULTI_STEP = "multi-step"
     SKIPPED = "skipped-instruction"
     PC_MISMATCH = "pc-mismatch"
+    STOP_KIND = "stop-kind-mismatch"      # right PC and steps, another kind of debug exit
     MISSING_STOP = "missing-stop"
     EXTRA_STOP = "extra-stop"
     OUTCOME = "outcome-mismatch"
@@ -39,12 +42,14 @@ class ExitKind(StrEnum):
     MMIO = "mmio"
     EINTR = "eintr"
     ERROR = "error"
+    HYPERCALL = "hypercall"               # KVM_EXIT_HYPERCALL (an SMCCC call forwarded to the VMM)
 
 
 class RunResult(StrEnum):
     """What one KVM_RUN returns to the VMM, in a model."""
     DEBUG = "debug"                       # KVM_EXIT_DEBUG: a stop
     MMIO = "mmio"                         # KVM_EXIT_MMIO
+    HYPERCALL = "hypercall"               # KVM_EXIT_HYPERCALL
     EINTR = "eintr"                       # -EINTR (immediate_exit or a signal)
     ENOSYS = "enosys"                     # -ENOSYS (an access without a syndrome)
     GUEST_ENDED = "guest-ended"           # the guest reached a run ending
@@ -56,6 +61,7 @@ class ExitReason(StrEnum):
     DEBUG = "debug"
     MMIO = "mmio"
     INTR = "intr"
+    HYPERCALL = "hypercall"
 
 
 class HwExitKind(StrEnum):
@@ -66,6 +72,9 @@ class HwExitKind(StrEnum):
     DBGREG = "dbgreg"
     MMIO = "mmio"
     HVC = "hvc"
+    SMC = "smc"                   # trapped by HCR_EL2.TSC, not completed
+    BRK = "brk"                   # a breakpoint instruction (MDCR_EL2.TDE)
+    BREAKPOINT = "breakpoint"     # a hardware breakpoint, before the instruction
     NO_SYNDROME = "no-syndrome"
     ENDING = "ending"
 
@@ -77,6 +86,10 @@ class Meets(StrEnum):
     MMIO = "mmio"
     DBGREG = "dbgreg"
     HVC = "hvc"
+    SMC = "smc"
+    # an HVC or SMC the VMM asked KVM to forward to it (KVM_EXIT_HYPERCALL)
+    HVC_FORWARDED = "hvc-forwarded"
+    SMC_FORWARDED = "smc-forwarded"
 
 
 class Trap(StrEnum):
@@ -86,6 +99,8 @@ class Trap(StrEnum):
     MMIO_KERNEL = "mmio-kernel"
     DBGREG = "dbgreg"
     HVC = "hvc"
+    SMC = "smc"
+    HYPERCALL = "hypercall"
     STAGE2_FETCH = "stage2-fetch"
     STAGE2_DATA = "stage2-data"
 
@@ -99,8 +114,23 @@ class Completion(StrEnum):
     HVC = "|hvc"
 
 
+class Ec(StrEnum):
+    """What kind of debug exception a stop (KVM_EXIT_DEBUG) reports."""
+    SOFTSTEP = "softstep"
+    BRK = "brk"
+    BREAKPOINT = "breakpoint"
+    WATCHPOINT = "watchpoint"
+
+
 COMPLETIONS = frozenset(Completion)
 
 
 def is_completion(token: str) -> bool:
     return token in COMPLETIONS
+
+
+class SmcAbi(StrEnum):
+    """How KVM answers a trapped SMC (docs/eras.md).  The guest's state after
+    one depends on it, so an execution log is made for one of them."""
+    ALL_ONES = "all-ones"         # x0 = ~0, skipped (v4.16, f5115e8869e1)
+    SMCCC = "smccc"               # skipped, then an SMCCC call like HVC when imm is 0 (v6.4, c2d2e9b3d8ce)

@@ -27,7 +27,7 @@ def test_table_shows_both_sides_and_the_divergence():
 
 def test_agreement_exits_zero(write_case):
     p = stepfuzz("run", write_case(make("nop\nadd x0, x0, #1")), "--era", "all")
-    assert p.returncode == 0 and "10 agree, 0 diverge" in p.stdout
+    assert p.returncode == 0 and "11 agree, 0 diverge" in p.stdout
 
 
 def test_bad_input_is_one_line_and_exit_2(write_case, tmp_path):

@@ -145,6 +145,17 @@ def test_new_code_at_the_same_address_never_runs_old_translations():
 
 def test_redirect_continues_on_another_path():
     case = parse_case(make("ldr x1, [x2]\nadd x0, x0, #1\nadd x4, x4, #1\nnop", {"x2": "0x20000000"}, (CODE, MMIO)))
-    log = execute(case, ((1, 0x10008),))
+    log = execute(case, ((1, "pc", 0x10008),))
     assert log.pcs == [0x10000, 0x10008, 0x1000c, 0x10010]
     assert log.final_regs()["x0"] == 0 and log.final_regs()["x4"] == 1
+
+
+def test_writes_land_between_two_plain_instructions():
+    """A write from outside applies exactly once k instructions completed,
+    even in the middle of a block Unicorn would run in one go."""
+    case = parse_case(make("add x0, x0, #1\nadd x0, x0, #1\nadd x0, x0, #1\nmov x5, x0\nnop", {}, (CODE,)))
+    assert execute(case).final_regs()["x5"] == 3      # (its blocks are translated before the counted runs)
+    log = execute(case, ((2, "x0", 100), (2, "daif", 0)))
+    assert log.pcs == execute(case).pcs and log.final_regs()["x5"] == 101
+    jumped = execute(case, ((1, "pc", 0x1000c),))
+    assert jumped.pcs == [0x10000, 0x1000c, 0x10010, 0x10014] and jumped.final_regs()["x5"] == 1

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from conftest import CODE, CORPUS, make
+from stepfuzz.oracle.vocabulary import Outcome
 from stepfuzz.oracle.archstep import arch_step_pcs
 from stepfuzz.oracle.case import load_case, parse_case
 from stepfuzz.oracle.guest import execute
@@ -60,7 +61,8 @@ def test_corpus_case_behaves_as_expected_in_every_era(path):
     case = load_case(path)
     expect = dict(case.expect)
     assert set(expect) == set(ERAS), "every seed case states what each era shows"
-    got = {r.era.id: (r.divergence.kind if r.divergence else "agree") for r in check(case, select("all"))}
+    got = {r.era.id: (r.divergence.kind if r.divergence else r.model.outcome
+                      if r.model.outcome == Outcome.NOT_REPRODUCIBLE else "agree") for r in check(case, select("all"))}
     assert got == expect
 
 

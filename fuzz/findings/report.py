@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from stepfuzz.oracle.asm import disasm
 from stepfuzz.oracle.case import Case
 from stepfuzz.oracle.trace import Exit, Stop, Trace
+from stepfuzz.oracle.vocabulary import Ec, Outcome
 
 if TYPE_CHECKING:
     from stepfuzz.oracle.realkvm.batch import RealTrace
@@ -21,16 +22,18 @@ def result_json(r: Result, source: str) -> dict[str, Any]:
     return {
         "case": source,
         "era": r.era.id,
-        "reference": [{"pc": pc, "steps": 1} for pc in r.reference.pcs],
+        "reference": ([{"pc": pc, "steps": 1} for pc in r.reference.pcs] if r.reference.full is None else
+                      [{"pc": s.pc, "steps": s.steps, "ec": s.ec} for s in r.reference.full]),
         "reference_end": r.reference.outcome,
         "model": [stop_json(s) for s in r.model.stops],
         "model_end": r.model.outcome,
+        **({"not_reproducible": r.model.detail} if r.model.outcome == Outcome.NOT_REPRODUCIBLE else {}),
         "divergence": r.divergence.to_json() if r.divergence else None,
     }
 
 
 def stop_json(s: Stop) -> dict[str, Any]:
-    out: dict[str, Any] = {"pc": s.pc, "steps": s.steps, "isv": s.isv, "hsr": s.hsr}
+    out: dict[str, Any] = {"pc": s.pc, "steps": s.steps, "isv": s.isv, "ec": s.ec, "hsr": s.hsr}
     if s.exits:
         out["exits"] = [f"{e.kind} {e.detail}".strip() for e in s.exits]
     return out
@@ -59,8 +62,10 @@ def result_table(r: Result, source: str, show_all: bool = False) -> str:
     """A side-by-side table: the reference's stops next to the model's."""
     d = r.divergence
     head = f"{source}  era {r.era.id} ({r.era.kernels}): "
+    if r.model.outcome == Outcome.NOT_REPRODUCIBLE:
+        return head + f"not reproducible: {r.model.detail}"
     head += f"DIVERGES  {d.title}  [{d.signature}]" if d else "agrees"
-    ref, model = r.reference.pcs, r.model.stops
+    ref, model = r.reference.stops, r.model.stops
     rows = max(len(ref), len(model))
     lines = [head, f"  {'stop':>4}  {'instruction completed (reference)':<38} {'reference':<16} {'model':<16} isv  exits in between"]
     prev = -1
@@ -69,11 +74,12 @@ def result_table(r: Result, source: str, show_all: bool = False) -> str:
         if i != prev + 1:
             lines.append(f"  {'...':>4}")
         prev = i
-        insn = f"{log_pcs[i]:#x} {insn_at(r.case, log_pcs[i])}" if i < len(ref) else ""
-        rcol = f"{ref[i]:#x} x1" if i < len(ref) else "-"
+        insn = (f"{log_pcs[i]:#x} {insn_at(r.case, log_pcs[i])}" if i < len(ref) and r.reference.full is None
+                else "")
+        rcol = f"{ref[i].pc:#x} x{ref[i].steps}{_kind(ref[i])}" if i < len(ref) else "-"
         if i < len(model):
             s = model[i]
-            mcol, isv = f"{s.pc:#x} x{s.steps}", str(s.isv)
+            mcol, isv = f"{s.pc:#x} x{s.steps}{_kind(s)}", str(s.isv)
             exits = exits_text(s.exits)
         else:
             mcol, isv, exits = "-", " ", ""
@@ -86,6 +92,10 @@ def result_table(r: Result, source: str, show_all: bool = False) -> str:
     if d and d.detail:
         lines.append(f"  {d.detail}")
     return "\n".join(lines)
+
+
+def _kind(s: Stop) -> str:
+    return "" if s.ec == Ec.SOFTSTEP else f" {s.ec}"
 
 
 def readable(case: Case) -> Case:

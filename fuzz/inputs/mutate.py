@@ -67,7 +67,8 @@ def mutate_events(rnd: random.Random, case: Case) -> Case:
     elif ev and r < 0.6:
         i = rnd.randrange(len(ev))
         e = ev[i]
-        ev[i] = Event(e.when, max(1, e.at + rnd.choice((-2, -1, 1, 2))), e.what)
+        if e.at:                          # (`start` events count nothing)
+            ev[i] = replace(e, at=max(1, e.at + rnd.choice((-2, -1, 1, 2))))
     else:
         ev.append(G.event(rnd, len(case.words)))
     return replace(case, events=tuple(ev[:8]))

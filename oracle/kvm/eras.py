@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..vocabulary import SmcAbi
+
 # What kvm_arm_setup_debug() does to the guest's PSTATE.SS on each entry
 FORCE = "force"                   # SS = 1 always
 KEEP_PENDING = "keep-pending"     # SS = 0 if the last exit was active-pending, else 1
@@ -53,7 +55,16 @@ POLICY_POINTS: dict[str, PolicyPoint] = {p.field: p for p in (
                 "whether handling a software-step exit sets SS = 1 for the next step"),
     PolicyPoint("armed_at_enable", "kvm_arch_vcpu_ioctl_set_guest_debug()",
                 "whether enabling single-step arms the first step (SS = 1)"),
+    PolicyPoint("smc_abi", "handle_smc()",
+                "what a trapped SMC does: x0 = ~0 and a skip, or the PC skip first and an SMCCC call like HVC"),
 )}
+
+# KVM API features a case may need, and the upstream release each appeared in.
+# A case that needs one is not reproducible on an era (or the releases of an
+# era) without it; it is never run another way.
+FEATURES: dict[str, tuple[Version, str]] = {
+    "smccc-filter": ((6, 4, 0), "KVM_ARM_VM_SMCCC_FILTER with KVM_EXIT_HYPERCALL (821d935c87bc, d824dff1919b)"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,11 +92,25 @@ class Era:
     ss_at_load_put: bool = False  # SS saved at vcpu_put, restored at vcpu_load (2ca3f03bf524)
     step_exit_rearms: bool = False   # handling a step exit sets SS = 1 (the debugger re-arms the step)
     armed_at_enable: bool = False # KVM_SET_GUEST_DEBUG arms the step itself (SS = 1)
+    smc_abi: str = SmcAbi.ALL_ONES   # handle_smc(): SmcAbi.ALL_ONES (f5115e8869e1) / SmcAbi.SMCCC (c2d2e9b3d8ce)
 
     def covers(self, version: Version) -> bool:
         """Does this era stand for upstream kernel `version`?"""
         return self.released and (self.since is None or self.since <= version) and (
             self.until is None or version < self.until)
+
+    def lacks(self, feature: str) -> str:
+        """Why a case that needs `feature` is not reproducible on this era
+        ("" if every release of it has the feature)."""
+        since, what = FEATURES[feature]
+        if not self.released:
+            return "" if self.id == "arch" else f"{what} is not in {self.kernels}"
+        if self.since is not None and self.since >= since:
+            return ""
+        v = ".".join(map(str, since[:2]))
+        if self.until is not None and self.until <= since:
+            return f"{what} is in v{v} and later, not in {self.kernels}"
+        return f"{what} is in v{v} and later: only some releases of {self.kernels} have it"
 
 
 ERAS: dict[str, Era] = {e.id: e for e in (
@@ -127,21 +152,29 @@ ERAS: dict[str, Era] = {e.id: e for e in (
         commits="26778aaa134a, e3e880bb1518 (pending PC committed before returning to userspace)",
         summary="as 5.11, but a pending PC increment is committed at EL1 when KVM_RUN returns",
         entry_ss=FORCE, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True),
-    Era(id="6.1", kernels="v6.1 - v6.13", since=(6, 1, 0), until=(6, 14, 0),
+    Era(id="6.1", kernels="v6.1 - v6.3", since=(6, 1, 0), until=(6, 4, 0),
         after="5.13", changes=(("entry_ss", "34fbdee086cf+370531d1e95b"),),
         commits="34fbdee086cf, 370531d1e95b",
         summary="as 5.13, but an exit in active-pending is remembered and the next entry keeps SS = 0",
         entry_ss=KEEP_PENDING, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True),
+    Era(id="6.4", kernels="v6.4 - v6.13", since=(6, 4, 0), until=(6, 14, 0),
+        after="6.1", changes=(("smc_abi", "c2d2e9b3d8ce"),),
+        commits="c2d2e9b3d8ce (SMCs from EL1 handled as SMCCC calls; the PC skipped first), "
+                "821d935c87bc + d824dff1919b (the SMCCC filter, forwarding to userspace)",
+        summary="as 6.1; an SMC is skipped before it is handled as an SMCCC call, which the VMM may take",
+        entry_ss=KEEP_PENDING, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True,
+        smc_abi=SmcAbi.SMCCC),
     Era(id="6.14", kernels="v6.14 and later", since=(6, 14, 0),
-        after="6.1", changes=(("entry_ss", "2ca3f03bf524"), ("ss_at_load_put", "2ca3f03bf524"), ("step_exit_rearms", "2ca3f03bf524")),
+        after="6.4", changes=(("entry_ss", "2ca3f03bf524"), ("ss_at_load_put", "2ca3f03bf524"), ("step_exit_rearms", "2ca3f03bf524")),
         commits="2ca3f03bf524 (software step state managed at vcpu load/put)",
         summary="SS saved at vcpu_put and restored at vcpu_load; a step exit re-arms SS",
         entry_ss=UNTOUCHED, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True,
-        ss_at_load_put=True, step_exit_rearms=True),
+        ss_at_load_put=True, step_exit_rearms=True, smc_abi=SmcAbi.SMCCC),
     Era(id="arch", kernels="Mark Rutland's 2018 proposal", released=False,
         commits="the Arm ARM D2.11 state machine",
         summary="follow the architectural state machine: emulation advances it, nothing forces it",
-        entry_ss=UNTOUCHED, skip=SKIP_EL1_CLEAR, mmio_guard=True, step_exit_rearms=True, armed_at_enable=True),
+        entry_ss=UNTOUCHED, skip=SKIP_EL1_CLEAR, mmio_guard=True, step_exit_rearms=True, armed_at_enable=True,
+        smc_abi=SmcAbi.SMCCC),
 )}
 
 ERA_IDS = tuple(ERAS)

@@ -7,10 +7,15 @@ and MDSCR_EL1.SS = 1, so every entry runs at most one guest instruction:
 * PSTATE.SS = 0 on entry (active-pending): the step exception is taken before
   any instruction, with ISV = 0.
 * PSTATE.SS = 1 (active-not-pending): the instruction at PC is attempted.  If
-  it traps to EL2 (stage-2 fault, MMIO, trapped register) it did not
-  complete and SPSR_EL2.SS is saved as 1.  HVC completes and is taken with
+  it traps to EL2 (stage-2 fault, MMIO, trapped register or SMC) it did not
+  complete and SPSR_EL2.SS is saved as 1; so does a hardware breakpoint on
+  it or a BRK (both exit before it).  HVC completes and is taken with
   SS = 0.  Otherwise it completes, PSTATE.SS becomes 0 and the step exception
   follows at once, unless a host interrupt wins the race (saved SS = 0).
+
+With MDSCR_EL1.SS = 0 (the VMM continues without stepping) the state
+machine is inactive: instructions run, PSTATE.SS untouched, until one traps
+to EL2.  Without MDCR_EL2.TDE (debug off) a BRK is the guest's own.
 
 What each instruction does comes from the execution log of the guest CPU;
 if KVM's emulation takes the guest off that path (an instruction skipped
@@ -21,8 +26,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..case import Case
-from ..guest import Access, ExecLog, Special, execute
-from ..trace import HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED
+from ..guest import Access, ExecLog, Special
+from ..isa import decode
+from ..trace import HSR_BREAKPOINT, HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED, hsr_brk
 from ..vocabulary import Completion, HwExitKind, Meets, Outcome, Trap
 
 _NATIVE = Special()
@@ -32,9 +38,9 @@ class HwExit(NamedTuple):
     """An exception taken to EL2 (or the end of what the guest can do)."""
     kind: HwExitKind
     index: int = -1               # the dynamic instruction that caused it (-1: none)
-    hsr: int = 0                  # SOFTSTEP: the syndrome
+    hsr: int = 0                  # SOFTSTEP, BRK, BREAKPOINT: the syndrome
     access: Access | None = None  # MMIO
-    detail: str = ""              # STAGE2: fetch/data; ENDING: the run ending
+    detail: str = ""              # STAGE2: fetch/data; ENDING: the run ending; HVC/SMC: "forwarded"
 
 
 def _step_exit(index: int, hsr: int) -> HwExit:
@@ -57,11 +63,18 @@ class GuestHw:
         self.irq_after = irq_after          # by dynamic index (from the case's events)
         self.skipped: list[int] = []  # PCs skipped without running
         self.why: list[str] = []      # events seen since the last stop (for signatures)
+        # the debug configuration KVM programs at each entry
+        self.stepping = True          # MDSCR_EL1.SS
+        self.tde = True               # MDCR_EL2.TDE: debug exceptions go to EL2
+        self.bps: frozenset[int] = frozenset()   # hardware breakpoints (DBGBVR/DBGBCR)
+        self.note = ""                # why this model ended a run itself
 
     # ------------------------------------------------------------ entry
 
     def run(self) -> HwExit:
         """ERET into the guest; return the next exception to EL2."""
+        if not self.stepping:
+            return self._run_free()
         if self.irq_armed:
             # A pending host interrupt is taken first (QEMU and real CPUs may
             # order it against a pending step exception either way; the
@@ -69,11 +82,39 @@ class GuestHw:
             return self._irq()
         if not self.ss:
             return _step_exit(self.idx - 1, HSR_NOT_STEPPED)
+        exit = self._attempt()
+        if exit is not None:
+            return exit
+        # it completed natively: the step is done
+        idx, log = self.idx - 1, self.log
+        self.ss = False
+        if self.irq_armed:
+            return self._irq(idx)
+        return _step_exit(idx, HSR_STEPPED | HSR_EX if log.pcs[idx] in log.load_exclusive_pcs else HSR_STEPPED)
+
+    def _run_free(self) -> HwExit:
+        """Run without stepping until something exits to EL2."""
+        budget = self.case.max_steps + 2
+        while self.retired < budget:
+            if self.irq_armed:
+                return self._irq()
+            exit = self._attempt()
+            if exit is not None:
+                return exit
+            if self.irq_armed:
+                return self._irq(self.idx - 1)
+        return HwExit(HwExitKind.ENDING, self.idx, detail=Outcome.MAX_STEPS)
+
+    def _attempt(self) -> HwExit | None:
+        """Attempt the instruction at PC: the exit it causes, or None if it
+        completed natively (then PSTATE.SS is the caller's business)."""
         idx, log = self.idx, self.log
         if self.attempts == 0 and idx in self.irq_before:
             self.irq_before.discard(idx)
             self.irq_armed = True
             return self._irq()
+        if self.bps and self.pc in self.bps:
+            return HwExit(HwExitKind.BREAKPOINT, idx, HSR_BREAKPOINT)   # before it runs, every time
         special = log.specials.get(idx, _NATIVE) if idx < log.n else self._special_past_code(idx)
         attempt = self.attempts
         self.attempts += 1
@@ -81,23 +122,38 @@ class GuestHw:
             return HwExit(HwExitKind.STAGE2, idx, detail=special.faults[attempt])
         kind = special.kind
         if kind == Meets.NATIVE:
+            if idx >= log.n and not self.stepping and self.pc == self.case.end:
+                # the `b .` after the code: nothing but a breakpoint stops it
+                return self._unmodelled(idx, "the guest reached the end of its code with debug off")
             self._retire(Completion.NATIVE)
-            self.ss = False
-            if self.irq_armed:
-                return self._irq(idx)
-            return _step_exit(idx, HSR_STEPPED | HSR_EX if log.pcs[idx] in log.load_exclusive_pcs else HSR_STEPPED)
-        if kind == Meets.HVC:
+            return None
+        if kind in (Meets.HVC, Meets.HVC_FORWARDED):
             self.why.append(Trap.HVC)
             self._retire(Completion.HVC)    # HVC's preferred return is the next instruction
-            self.ss = False           # and it completes the step
-            return HwExit(HwExitKind.HVC, idx)
+            if self.stepping:
+                self.ss = False       # and it completes the step
+            return HwExit(HwExitKind.HVC, idx, detail="forwarded" if kind == Meets.HVC_FORWARDED else "")
+        if kind in (Meets.SMC, Meets.SMC_FORWARDED):
+            return HwExit(HwExitKind.SMC, idx, detail="forwarded" if kind == Meets.SMC_FORWARDED else "")
         if kind == Meets.DBGREG:
             return HwExit(HwExitKind.DBGREG, idx)
         if kind == Meets.MMIO:
             return HwExit(HwExitKind.MMIO, idx, access=special.access)
         if kind == Outcome.NO_SYNDROME:
             return HwExit(HwExitKind.NO_SYNDROME, idx, detail=special.detail)
+        if kind == Outcome.BREAKPOINT:
+            if not self.tde:
+                return self._unmodelled(idx, "a BRK with debug off is the guest's own exception")
+            return HwExit(HwExitKind.BRK, idx, hsr_brk(decode(self._word()).imm))
         return HwExit(HwExitKind.ENDING, idx, detail=kind)
+
+    def _unmodelled(self, idx: int, why: str) -> HwExit:
+        self.note = f"{why} (not modelled yet)"
+        return HwExit(HwExitKind.ENDING, idx, detail=Outcome.UNSUPPORTED)
+
+    def _word(self) -> int:
+        case = self.case
+        return case.words[(self.pc - case.base) >> 2]
 
     def _irq(self, idx: int = -1) -> HwExit:
         # Named by the state it interrupts: taken while the step is still
@@ -150,4 +206,13 @@ class GuestHw:
             self.pc += 4
             self.attempts = 0
         # Off the ideal path: the guest goes on from the new PC.
-        self.log = execute(self.case, self.log.redirects + ((self.idx, self.pc),))
+        self.log = self.log.again((self.idx, "pc", self.pc))
+
+    def write(self, reg: str, value: int) -> None:
+        """A register written from outside (KVM_SET_ONE_REG, or KVM itself):
+        the guest goes on from here with it."""
+        done = self.idx + 1 if self.completed else self.idx
+        if reg == "pc":
+            self.pc = value
+            self.attempts = 0
+        self.log = self.log.again((done, reg, value))

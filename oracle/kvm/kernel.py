@@ -10,7 +10,7 @@ from ..trace import HSR_FAKED
 from .eras import (FAKE_ALWAYS, FAKE_IF_PC_MOVED, FORCE, KEEP_PENDING, SKIP_DEFERRED,
                    SKIP_EL1_CLEAR, Era)
 from .hardware import GuestHw, HwExit
-from ..vocabulary import ExitReason, HwExitKind, RunResult, Trap
+from ..vocabulary import ExitReason, HwExitKind, RunResult, SmcAbi, Trap
 
 
 
@@ -29,10 +29,30 @@ class Kvm:
         self.signal = False               # a signal is pending for the vCPU thread
         self.signal_on_trap: set[int] = set()   # `trap` events: instruction indices
         self.ending = ""
+        self.detail = ""                  # what the run ending says, for people
         self.trap_pc = hw.pc              # the PC when the last exit was handled (rfc-2018)
         self.remembers_pending = era.entry_ss == KEEP_PENDING   # 6.1's DBG_SS_ACTIVE_PENDING
+        self.hypercall = ""               # kvm_run->hypercall of the last KVM_EXIT_HYPERCALL, for people
+        # vcpu->guest_debug, as the VMM's first KVM_SET_GUEST_DEBUG leaves it
+        self.enabled, self.singlestep, self.bps = True, True, frozenset()
         if era.armed_at_enable:
             hw.ss = True                  # KVM_SET_GUEST_DEBUG arms the first step
+
+    # ------------------------------------------------------------ the VMM's ioctls
+
+    def set_guest_debug(self, enable: bool, singlestep: bool, bps: frozenset[int]) -> None:
+        """KVM_SET_GUEST_DEBUG (kvm_arch_vcpu_ioctl_set_guest_debug)."""
+        was_stepping = self.enabled and self.singlestep
+        self.enabled, self.singlestep = enable, enable and singlestep
+        self.bps = bps if enable else frozenset()
+        if not enable:                    # "if not enabled clear all flags"; a kept ENABLE keeps them
+            self.ss_active_pending = self.host_ss_active_pending = False
+        if self.era.armed_at_enable and self.singlestep and not was_stepping:
+            self.hw.ss = True
+
+    def set_one_reg(self, reg: str, value: int) -> None:
+        """KVM_SET_ONE_REG of a core register: the value, nothing else."""
+        self.hw.write(reg, value)
 
     # ------------------------------------------------------------ KVM_RUN
 
@@ -80,23 +100,30 @@ class Kvm:
     # ------------------------------------------------------------ debug.c
 
     def setup_debug(self) -> None:
+        hw = self.hw
+        # MDCR_EL2.TDE while any debugging is on; MDSCR_EL1.SS only while stepping
+        hw.tde, hw.stepping, hw.bps = self.enabled, self.singlestep, self.bps
+        if not self.singlestep:
+            return
         if self.era.entry_ss == FORCE:
-            self.hw.ss = True
+            hw.ss = True
         elif self.remembers_pending:
-            self.hw.ss = not self.ss_active_pending
+            hw.ss = not self.ss_active_pending
 
     def clear_debug(self) -> None:
         """6.1: an exit in active-pending is remembered (KEEP_PENDING eras only)."""
-        if not self.hw.ss:
+        if self.singlestep and not self.hw.ss:
             self.ss_active_pending = True
 
     def vcpu_load(self) -> None:
         """6.14: SS restored from the host's record (ss_at_load_put eras only)."""
-        self.hw.ss = not self.host_ss_active_pending
+        if self.singlestep:
+            self.hw.ss = not self.host_ss_active_pending
 
     def vcpu_put(self) -> None:
-        """6.14: SS saved for the next load (ss_at_load_put eras only)."""
-        self.host_ss_active_pending = not self.hw.ss
+        """6.14: SS saved for the next load; nothing while not stepping."""
+        if self.singlestep:
+            self.host_ss_active_pending = not self.hw.ss
 
     # ------------------------------------------------------------ emulation
 
@@ -119,6 +146,8 @@ class Kvm:
     def fake_step(self) -> bool:
         """4.15-era kvm_arm_handle_step_debug(): report a step although none was taken."""
         mode = self.era.fake_step
+        if not self.singlestep:
+            return False                  # only while KVM_GUESTDBG_SINGLESTEP is set
         if mode == FAKE_ALWAYS or (mode == FAKE_IF_PC_MOVED and self.hw.pc != self.trap_pc):
             self.exit_reason = ExitReason.DEBUG
             self.hsr = HSR_FAKED
@@ -149,11 +178,12 @@ class Kvm:
         self.trap_pc = self.hw.pc
         if kind == HwExitKind.ENDING:
             self.ending = exit.detail
+            self.detail = self.hw.note or self.hw.log.detail
             return RunResult.GUEST_ENDED
         if self.signal_on_trap and exit.index in self.signal_on_trap:
             self.signal_on_trap.discard(exit.index)
             self.signal = True            # arrives while this exit is handled
-        if kind == HwExitKind.SOFTSTEP:
+        if kind in (HwExitKind.SOFTSTEP, HwExitKind.BRK, HwExitKind.BREAKPOINT):
             return self.handle_guest_debug(exit)
         if kind == HwExitKind.IRQ:
             return None
@@ -165,10 +195,13 @@ class Kvm:
     def handle_guest_debug(self, exit: HwExit) -> RunResult:
         self.exit_reason = ExitReason.DEBUG
         self.hsr = exit.hsr
-        if self.remembers_pending:
-            self.ss_active_pending = False
-        if self.era.step_exit_rearms:
-            self.hw.ss = True
+        if exit.kind == HwExitKind.SOFTSTEP:
+            if self.remembers_pending:
+                self.ss_active_pending = False
+            if self.era.step_exit_rearms:
+                self.hw.ss = True
+        else:
+            self.hw.why.append(exit.kind)     # a BRK or breakpoint: nothing to do with the step
         return RunResult.DEBUG
 
     def handle_trap(self, exit: HwExit) -> RunResult | None:
@@ -182,7 +215,11 @@ class Kvm:
             self.skip_instr()
             return None
         if kind == HwExitKind.HVC:
-            return None                   # PSCI result in x0..x3; no skip
+            if exit.detail:               # no skip: HVC returns past itself
+                return self.hypercall_exit("hvc")
+            return None                   # PSCI result in x0..x3
+        if kind == HwExitKind.SMC:
+            return self.handle_smc(exit)
         if kind == HwExitKind.NO_SYNDROME:
             self.ending = exit.detail
             return RunResult.ENOSYS       # io_mem_abort: no valid syndrome
@@ -201,3 +238,19 @@ class Kvm:
         self.exit_reason = ExitReason.MMIO
         self.mmio_access = exit.access
         return RunResult.MMIO
+
+    def handle_smc(self, exit: HwExit) -> RunResult | None:
+        """handle_smc(): the era's SMC ABI (the result in x0 is the log's)."""
+        self.hw.why.append(Trap.SMC)
+        self.hw.complete()
+        self.skip_instr()
+        if self.era.smc_abi == SmcAbi.SMCCC and exit.detail:
+            return self.hypercall_exit("smc")    # kvm_smccc_call_handler(): forwarded
+        return None
+
+    def hypercall_exit(self, insn: str) -> RunResult:
+        """kvm_prepare_hypercall_exit(): the VMM answers it."""
+        self.hw.why.append(Trap.HYPERCALL)
+        self.exit_reason = ExitReason.HYPERCALL
+        self.hypercall = insn
+        return RunResult.HYPERCALL

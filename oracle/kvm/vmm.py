@@ -1,4 +1,5 @@
-"""The VMM: KVM_RUN in a loop, single-stepping, honouring the exit schedule.
+"""An era model's run of a case: the VMM's conversation (conversation.py)
+with the era's KVM (kernel.py) over the hardware model (hardware.py).
 
 This is what QEMU's gdbstub or a KVM selftest does; `model_trace` turns the
 stops it sees into a Trace.
@@ -8,15 +9,15 @@ from __future__ import annotations
 import bisect
 import itertools
 
+from ..conversation import Schedule, converse
 from ..guest import ExecLog
-from ..trace import HSR_STEPPED, Exit, Stop, Trace, mmio_exit
-from ..vocabulary import Completion, ExitKind, Outcome, RunResult
+from ..trace import HSR_STEPPED, Exit, RefTrace, Stop, Trace
+from ..vocabulary import Completion
 from .eras import Era
 from .hardware import GuestHw
 from .kernel import Kvm
 
 PLAIN_WHY = (Completion.NATIVE,)
-_new_stop = tuple.__new__   # builds a Stop in C (NamedTuple's own __new__ is Python code)
 
 # Model states (per era) from which one plain instruction -- no trap, no
 # event -- gives one ordinary stop and leaves the state exactly as it was.
@@ -28,7 +29,8 @@ FAST_FORWARD = True         # tests switch it off to check it changes nothing
 
 def _state(kvm: Kvm, hw: GuestHw) -> tuple:
     return (kvm.era.id, hw.ss, hw.irq_armed, hw.completed, hw.attempts, kvm.exit_reason, kvm.mmio_needed,
-            kvm.increment_pc, kvm.ss_active_pending, kvm.host_ss_active_pending, kvm.signal)
+            kvm.increment_pc, kvm.ss_active_pending, kvm.host_ss_active_pending, kvm.signal,
+            kvm.enabled, kvm.singlestep, hw.stepping, hw.tde)
 
 
 class _Shared:
@@ -39,17 +41,10 @@ class _Shared:
 
     def __init__(self, log: ExecLog):
         events = log.case.events
+        self.schedule = Schedule(log.case)
         self.irq_before = frozenset(e.at - 1 for e in events if e.when == "before")
         self.irq_after = frozenset(e.at - 1 for e in events if e.when == "after")
         self.signal_on_trap = frozenset(e.at - 1 for e in events if e.when == "trap")
-        self.after_mmio: dict[int, list[str]] = {}
-        self.after_stop: dict[int, list[str]] = {}
-        for e in events:
-            if e.when == "mmio-exit":
-                self.after_mmio.setdefault(e.at, []).append(e.what)
-            elif e.when == "stop":
-                self.after_stop.setdefault(e.at, []).append(e.what)
-        self.stop_events = sorted(self.after_stop)
         n, pcs = log.n, log.pcs
         # built in C (Stop's own __new__ is Python code, and this runs once per case)
         one = itertools.repeat
@@ -74,108 +69,61 @@ def _shared(log: ExecLog) -> _Shared:
     return cached
 
 
-def model_trace(era: Era, log: ExecLog, stop_at: list[int] | None = None) -> Trace:
+class _FastForward:
+    """Applies runs of ordinary instructions from a steady state in bulk."""
+
+    def __init__(self, kvm: Kvm, log: ExecLog, shared: _Shared):
+        self.kvm, self.hw, self.log, self.shared = kvm, kvm.hw, log, shared
+        self.before: tuple | None = None
+
+    def skip(self, stops: list[Stop], exits: list[Exit], pending: list) -> bool:
+        hw, kvm, log = self.hw, self.kvm, self.log
+        idx = hw.idx
+        # the next instruction is ordinary, and nothing is pending
+        ordinary = (idx < log.n and self.shared.run_end[idx] > idx and not pending and not exits
+                    and not hw.why and hw.log is log and not kvm.bps)
+        self.before = _state(kvm, hw) if ordinary else None
+        if self.before not in _STEADY or not FAST_FORWARD:
+            return False
+        return self._apply(stops) > 0
+
+    def learn(self, stop: Stop) -> None:
+        before = self.before
+        if (before is not None and stop.hsr == HSR_STEPPED and stop.why == PLAIN_WHY and not stop.exits
+                and self.hw.log is self.log and _state(self.kvm, self.hw) == before):
+            _STEADY.add(before)
+        self.before = None
+
+    def _apply(self, stops: list[Stop]) -> int:
+        hw, shared, case = self.hw, self.shared, self.log.case
+        start = hw.idx
+        if start >= len(shared.run_end):
+            return 0
+        # leave the last instruction of the run, and anything at an end
+        # condition or a scheduled event, to the full loop
+        i = min(shared.run_end[start], start + case.max_steps - hw.retired - 1,
+                start + case.max_steps - len(stops) - 1)
+        stop_events = shared.schedule.stop_events
+        k = bisect.bisect_right(stop_events, len(stops))
+        if k < len(stop_events):
+            i = min(i, start + stop_events[k] - len(stops) - 1)
+        if i <= start:
+            return 0
+        stops.extend(shared.ideal[start:i])
+        hw.idx, hw.pc = i, hw.log.pcs[i]
+        hw.retired += i - start
+        return i - start
+
+
+def model_trace(era: Era, log: ExecLog, stop_at: RefTrace | None = None) -> Trace:
     """The era's trace of the execution in `log`.  With `stop_at` (the
-    reference's stop PCs) the run ends at the first stop that differs from
-    them: all a signature needs, for a fraction of the cost."""
-    case = log.case
+    reference) the run ends at the first stop that differs from it: all a
+    signature needs, for a fraction of the cost."""
     shared = _shared(log)
     hw = GuestHw(log, shared.irq_before, shared.irq_after)
     kvm = Kvm(era, hw)
     kvm.signal_on_trap = set(shared.signal_on_trap)
-    after_mmio, after_stop = shared.after_mmio, shared.after_stop
-
-    stops: list[Stop] = []
-    exits: list[Exit] = []
-    skipped: list[tuple[int, int]] = []    # (index of the stop that shows it, pc)
-    last_retired = 0
-    n_mmio = 0
-    next_run: list[str] = []
-    budget = 8 * case.max_steps + 64
-    outcome, detail = Outcome.STUCK, "no progress"
-    run_end = shared.run_end
-    for _ in range(budget):
-        idx = hw.idx
-        # the next instruction is ordinary, and nothing is pending
-        ordinary = idx < log.n and run_end[idx] > idx and not next_run and not exits and not hw.why \
-            and hw.log is log
-        before = _state(kvm, hw) if ordinary else None
-        if before in _STEADY and FAST_FORWARD:
-            n = _fast_forward(hw, shared, stops, case)
-            if n:
-                last_retired = hw.retired
-                continue
-        if next_run:
-            actions, next_run = next_run, []
-            if "signal" in actions:
-                kvm.signal = True
-            hw.why.extend(actions)
-            ret = kvm.ioctl_run(immediate_exit="immediate-exit" in actions, preempt="preempt" in actions)
-        else:
-            ret = kvm.ioctl_run()
-        while len(skipped) < len(hw.skipped):
-            skipped.append((len(stops), hw.skipped[len(skipped)]))
-        if ret == RunResult.DEBUG:
-            stop = _new_stop(Stop, (hw.pc, hw.retired - last_retired, kvm.hsr, tuple(exits), tuple(hw.why)))
-            stops.append(stop)
-            if (before is not None and stop.hsr == HSR_STEPPED and stop.why == PLAIN_WHY and not stop.exits
-                    and hw.log is log and _state(kvm, hw) == before):
-                _STEADY.add(before)
-            if stop_at is not None:
-                i = len(stops) - 1
-                if stop.steps != 1 or i >= len(stop_at) or stop.pc != stop_at[i]:
-                    while len(skipped) < len(hw.skipped):
-                        skipped.append((len(stops) - 1, hw.skipped[len(skipped)]))
-                    outcome, detail = Outcome.DIVERGED, ""
-                    exits, hw.why = [], []        # they belong to this stop, not to a tail
-                    break
-            last_retired = hw.retired
-            exits, hw.why = [], []
-            next_run = after_stop.get(len(stops), [])
-            if hw.pc == case.end:
-                outcome, detail = Outcome.END, ""
-                break
-            if hw.retired >= case.max_steps:
-                outcome, detail = Outcome.MAX_STEPS, ""
-                break
-        elif ret == RunResult.MMIO:
-            n_mmio += 1
-            a = kvm.mmio_access
-            exits.append(mmio_exit(a.write, a.size, a.addr, a.value))
-            next_run = after_mmio.get(n_mmio, [])
-        elif ret == RunResult.EINTR:
-            exits.append(Exit(ExitKind.EINTR))
-        elif ret == RunResult.ENOSYS:
-            exits.append(Exit(ExitKind.ERROR, "KVM_RUN: ENOSYS"))
-            outcome, detail = Outcome.NO_SYNDROME, kvm.ending
-            break
-        else:
-            assert ret == RunResult.GUEST_ENDED, ret
-            outcome, detail = kvm.ending, hw.log.detail
-            break
-    trace = Trace(stops, outcome, detail, tuple(exits), tuple(hw.why), skipped)
-    if stop_at is not None:       # every stop was checked on arrival (fast-forwarded ones are ideal)
-        trace.agreed = len(stops) - 1 if outcome == Outcome.DIVERGED else len(stops)
-    if hw.log is not log and outcome != Outcome.DIVERGED:
+    trace = converse(kvm, hw, log.case, shared.schedule, stop_at, _FastForward(kvm, log, shared))
+    if hw.log is not log and trace.outcome != "diverged":
         trace.final_regs = hw.log.final_regs()
     return trace
-
-
-def _fast_forward(hw: GuestHw, shared: _Shared, stops: list[Stop], case) -> int:
-    """Apply a run of ordinary instructions from a steady state; returns how many."""
-    start = hw.idx
-    if start >= len(shared.run_end):
-        return 0
-    # leave the last instruction of the run, and anything at an end condition
-    # or a scheduled event, to the full loop
-    i = min(shared.run_end[start], start + case.max_steps - hw.retired - 1)
-    stop_events = shared.stop_events
-    k = bisect.bisect_right(stop_events, len(stops))
-    if k < len(stop_events):
-        i = min(i, start + stop_events[k] - len(stops) - 1)
-    if i <= start:
-        return 0
-    stops.extend(shared.ideal[start:i])
-    hw.idx, hw.pc = i, hw.log.pcs[i]
-    hw.retired += i - start
-    return i - start
