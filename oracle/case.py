@@ -45,7 +45,7 @@ VMM_ACTIONS: dict[str, dict[str, bool]] = {
 }
 DEBUG_CONTROLS = ("step", "continue", "off")
 IRQ_LINES = ("irq", "fiq")
-MAX_HW_BPS = 4                # breakpoints every kernel and CPU here gives a VMM
+MAX_HW_BPS = 3                # hardware breakpoints of a case (the VMM keeps one more at the end when continuing)
 
 # when -> (trigger key, allowed actions); "" = no count (`start`)
 EVENT_RULES: dict[str, tuple[str, tuple[str, ...]]] = {

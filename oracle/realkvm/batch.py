@@ -12,14 +12,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..case import Case
+from ..case import DAIF_RESET, Case, Event
 from ..guest import ExecLog
+from ..kvm.eras import Era
+from ..reference import reference
+from ..run import not_reproducible
+from ..conversation import NOT_MODELLED
 from ..trace import Exit, Stop, Trace, mmio_exit, numbered_exits
 from ..vocabulary import ExitKind, Outcome
 
 CASE_TIMEOUT_BASE_MS = 5000     # per case: setup, prefault and slack under nested TCG
 CASE_TIMEOUT_PER_STEP_MS = 4    # plus this per allowed step
-REG_INDEX = {f"x{i}": i for i in range(31)} | {"sp": 31}
+REG_INDEX = {f"x{i}": i for i in range(31)} | {"sp": 31, "pc": 32, "daif": 33}
+WHEN_WORD = {"start": "start", "mmio-exit": "mmio", "stop": "stop", "hypercall-exit": "hypercall", "eintr": "eintr"}
 KVM_EXITS = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 5: "HLT", 8: "SHUTDOWN",
              9: "FAIL_ENTRY", 17: "INTERNAL_ERROR", 24: "SYSTEM_EVENT", 28: "ARM_NISV"}
 
@@ -95,14 +100,22 @@ def runner_limit(case: Case) -> str:
     return ""
 
 
-def skip_reason(case: Case, log: ExecLog) -> RealTrace | None:
-    """A trace that says why `case` is not sent to a real kernel, or None."""
+def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace | None:
+    """A trace that says why `case` is not sent to a real kernel (of `era`), or None."""
     if runner_limit(case):
         return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:runner-limit",
                          detail="not reproducible here: " + runner_limit(case))
-    if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
-        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{log.outcome}", detail=log.detail)
+    if era is not None and not_reproducible(case, era):
+        return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:feature",
+                         detail="not reproducible here: " + not_reproducible(case, era))
+    ref = reference(log)
+    if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION) or ref.outcome == Outcome.UNSUPPORTED:
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{Outcome.UNSUPPORTED if ref.outcome == Outcome.UNSUPPORTED else log.outcome}",
+                         detail=ref.detail if ref.outcome == Outcome.UNSUPPORTED else log.detail)
     for e in case.events:
+        if e.what in NOT_MODELLED or e.when == "system-event" or case.nisv != "end":
+            return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{Outcome.UNSUPPORTED}",
+                             detail=f"not modelled yet: {e.what if e.what in NOT_MODELLED else e.when if e.when == 'system-event' else 'nisv ' + case.nisv}")
         if e.when in WHY_NOT:
             return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:{e.when}-{e.what}",
                              detail="not reproducible here: " + WHY_NOT[e.when].format(at=e.at))
@@ -117,15 +130,28 @@ def encode(cases: list[tuple[int, Case]]) -> str:
     for cid, c in cases:
         out.append(f"case {cid} {c.base:#x} {c.max_steps} {case_timeout_ms(c)} {c.mmio_read:#x}")
         out += [f"reg {REG_INDEX[name]} {value:#x}" for name, value in c.regs]
+        if c.daif() != DAIF_RESET:
+            out.append(f"daif {c.daif():#x}")
+        out += [f"smccc {first:#x} {count}" for first, count in c.smccc_forward]
+        if c.hypercall_result:
+            out.append(f"hypercall-result {c.hypercall_result:#x}")
         out += [f"region {r.kind} {r.base:#x} {r.size:#x} {int(r.prefault)}" for r in c.memory]
-        out += [f"event {'mmio' if e.when == 'mmio-exit' else 'stop'} {e.at} {e.what}"
-                for e in c.events if e.when in ("mmio-exit", "stop")]
+        out += [_event_line(e) for e in c.events if e.when in WHEN_WORD]
         out.append(f"words {len(c.words)}")
         for i in range(0, len(c.words), 8):
             out.append(" ".join(f"{w:#x}" for w in c.words[i:i + 8]))
         out.append("go")
     out.append("end")
     return "\n".join(out) + "\n"
+
+
+def _event_line(e: Event) -> str:
+    line = f"event {WHEN_WORD[e.when]} {e.at} {e.what}"
+    if e.what == "set-reg":
+        line += f" {REG_INDEX[e.reg]} {e.value:#x}"
+    elif e.what == "debug":
+        line += f" {e.control} {len(e.hw_bp)}" + "".join(f" {a:#x}" for a in e.hw_bp)
+    return line
 
 
 # ---------------------------------------------------------------- console lines
@@ -187,6 +213,9 @@ class Parser:
             elif kind == "I":
                 self._exits.append(Exit(ExitKind.EINTR))
                 self._records += 1
+            elif kind == "H":
+                self._exits.append(Exit(ExitKind.HYPERCALL, args[0]))
+                self._records += 1
             elif kind == "E":
                 self._exits.append(Exit(ExitKind.ERROR, f"KVM_RUN: {_errno_name(int(args[0]))}"))
                 self._records += 1
@@ -204,7 +233,7 @@ class Parser:
         if count != self._records:
             t.end, t.detail = "error:garbled-output", f"the runner reported {count} records, {max(self._records, 0)} arrived intact"
             return
-        if reason in ("end", "left-code", "max-steps", "timeout"):
+        if reason in ("end", "left-code", "max-steps", "timeout", "breakpoint"):
             t.end = reason
         elif reason == "error":
             t.end = f"error:{_errno_name(int(detail))}"
@@ -256,7 +285,7 @@ def infer_steps(trace: RealTrace, log: ExecLog) -> None:
 # ---------------------------------------------------------------- model vs real
 
 MODEL_END_AS_REAL = {Outcome.END: "end", Outcome.NO_SYNDROME: "error:ENOSYS", Outcome.LEFT_CODE: "left-code",
-                     Outcome.MAX_STEPS: "max-steps"}
+                     Outcome.MAX_STEPS: "max-steps", Outcome.BREAKPOINT: "breakpoint"}
 
 
 @dataclass(frozen=True)
@@ -293,6 +322,8 @@ def difference(model: Trace, real: RealTrace) -> Difference | None:
     for i, (m, r) in enumerate(zip(mstops, rstops)):
         if m.pc != r.pc:
             return Difference(i, f"PC {m.pc:#x} (model) vs {r.pc:#x} (real)")
+        if m.ec != r.ec:
+            return Difference(i, f"a {m.ec} stop (model) vs a {r.ec} stop (real)")
         if m.isv != r.isv:
             return Difference(i, f"ISV {m.isv} (model) vs {r.isv} (real)")
         why = _exits_differ(m.exits, r.exits)

@@ -42,7 +42,7 @@ def compare_on_kernel(cases: list[tuple[str, Case]], kernel: Kernel | None, era:
                       root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT
                       ) -> tuple[list[Comparison], RunStats]:
     """Run `cases` on `kernel` (one boot) and compare each real trace with `era`'s model."""
-    traces, stats = run_cases(cases, kernel, root, boot_timeout)
+    traces, stats = run_cases(cases, kernel, root, boot_timeout, era=era)
     out = []
     for (source, case), real in zip(cases, traces):
         if not real.compared or real.failed:

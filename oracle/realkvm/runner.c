@@ -12,7 +12,13 @@
  *   case ID BASE MAX_STEPS TIMEOUT_MS MMIO_READ
  *   reg INDEX VALUE                 (0..30 = x0..x30, 31 = sp_el1)
  *   region KIND BASE SIZE PREFAULT  (KIND: ram | mmio | mmio-kernel)
- *   event WHEN N WHAT               (WHEN: mmio | stop; WHAT: immediate-exit | signal | preempt)
+ *   daif VALUE                      (PSTATE.DAIF at the start)
+ *   smccc FIRST COUNT               (SMCCC function ids forwarded to the VMM)
+ *   hypercall-result VALUE          (x0 after each KVM_EXIT_HYPERCALL)
+ *   event WHEN N WHAT [ARGS]        (WHEN: start | mmio | stop | hypercall | eintr;
+ *                                    WHAT: immediate-exit | signal | preempt |
+ *                                    set-reg REG VALUE (0..30 x, 31 sp, 32 pc, 33 daif) |
+ *                                    debug step|continue|off NBPS BP...)
  *   words COUNT W1 W2 ...
  *   go                              (run the case described since `case`)
  *   end
@@ -83,15 +89,47 @@ static int run_batch(const char *path)
 				c.reg[c.nreg++] = (struct region){
 					base, size, !strcmp(kind, "ram") ? R_RAM : !strcmp(kind, "mmio") ? R_MMIO : R_KERNEL,
 					(int)pre, NULL };
+		} else if (!strcmp(tok, "daif")) {
+			c.daif = number(f) & 0x3c0;
+		} else if (!strcmp(tok, "smccc")) {
+			uint64_t first = number(f), count = number(f);
+			if (c.nsmccc < MAX_SMCCC) {
+				c.smccc[c.nsmccc][0] = first;
+				c.smccc[c.nsmccc++][1] = count;
+			}
+		} else if (!strcmp(tok, "hypercall-result")) {
+			c.hypercall_result = number(f);
 		} else if (!strcmp(tok, "event")) {
 			char when[16], what[32];
+			struct event e;
+			memset(&e, 0, sizeof(e));
 			token(f, when, sizeof(when));
-			uint64_t n = number(f);
+			e.n = number(f);
 			token(f, what, sizeof(what));
+			e.when = !strcmp(when, "mmio") ? EV_MMIO : !strcmp(when, "start") ? EV_START :
+				 !strcmp(when, "hypercall") ? EV_HYPERCALL : !strcmp(when, "eintr") ? EV_EINTR : EV_STOP;
+			if (!strcmp(what, "set-reg")) {
+				e.what = DO_SET_REG;
+				e.reg = (int)number(f);
+				e.value = number(f);
+			} else if (!strcmp(what, "debug")) {
+				char control[16];
+				e.what = DO_DEBUG;
+				token(f, control, sizeof(control));
+				e.control = !strcmp(control, "step") ? DEBUG_STEP : !strcmp(control, "continue") ? DEBUG_CONTINUE : DEBUG_OFF;
+				e.nbps = (int)number(f);
+				for (int i = 0; i < e.nbps; i++) {
+					uint64_t a = number(f);
+					if (i < MAX_HW_BPS - 1)
+						e.bps[i] = a;
+				}
+				if (e.nbps > MAX_HW_BPS - 1)
+					e.nbps = MAX_HW_BPS - 1;      /* one is the VMM's own (continue) */
+			} else {
+				e.what = !strcmp(what, "immediate-exit") ? DO_IMMEDIATE : !strcmp(what, "signal") ? DO_SIGNAL : DO_PREEMPT;
+			}
 			if (c.nev < MAX_EVENTS)
-				c.ev[c.nev++] = (struct event){
-					!strcmp(when, "mmio") ? EV_MMIO : EV_STOP, n,
-					!strcmp(what, "immediate-exit") ? DO_IMMEDIATE : !strcmp(what, "signal") ? DO_SIGNAL : DO_PREEMPT };
+				c.ev[c.nev++] = e;
 		} else if (!strcmp(tok, "words")) {
 			uint64_t n = number(f);
 			c.nwords = 0;

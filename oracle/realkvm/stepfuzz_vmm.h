@@ -11,8 +11,14 @@
 #define MAX_EVENTS 256
 #define INSN_B_SELF 0x14000000u      /* `b .`: parks the guest after the case's code */
 
-enum { EV_MMIO, EV_STOP };                                 /* an event comes after the Nth ... */
-enum { DO_IMMEDIATE = 1, DO_SIGNAL = 2, DO_PREEMPT = 4 };  /* ... and does these (a mask) */
+enum { EV_MMIO, EV_STOP, EV_START, EV_HYPERCALL, EV_EINTR };   /* an event comes after the Nth ... */
+enum { DO_IMMEDIATE = 1, DO_SIGNAL = 2, DO_PREEMPT = 4,         /* ... and does these (a mask) */
+       DO_SET_REG = 8, DO_DEBUG = 16 };                         /* (these two carry arguments) */
+enum { DEBUG_STEP, DEBUG_CONTINUE, DEBUG_OFF };                 /* KVM_SET_GUEST_DEBUG controls */
+#define MAX_HW_BPS 4
+#define MAX_SMCCC 32
+#define REG_INDEX_PC 32                 /* set-reg register numbers: 0..30 x, 31 sp, 32 pc, 33 daif */
+#define REG_INDEX_DAIF 33
 enum { R_RAM, R_MMIO, R_KERNEL };                          /* region kinds */
 
 /* How a case ends: the REASON of "@@sf ID end REASON ..." (docs/real-kvm.md). */
@@ -25,5 +31,6 @@ enum { R_RAM, R_MMIO, R_KERNEL };                          /* region kinds */
 #define ENDED_UNSUPPORTED "unsupported"
 #define ENDED_TIMEOUT "timeout"
 #define ENDED_MAX_RUNS "max-runs"
+#define ENDED_BREAKPOINT "breakpoint"    /* a BRK or breakpoint stop no event answers */
 
 #endif /* STEPFUZZ_VMM_H */

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..case import Case
+from ..kvm.eras import Era
 from ..guest import execute
 from . import RealKvmError, cache_root, last_line, need_tool
 from .batch import Parser, RealTrace, case_timeout_ms, encode, infer_steps, skip_reason
@@ -246,13 +247,15 @@ def check_tools(kernel: Kernel | None) -> None:
 # ---------------------------------------------------------------- public entry points
 
 def run_cases(cases: list[tuple[str, Case]], kernel: Kernel | None, root: Path | None = None,
-              boot_timeout: float = BOOT_TIMEOUT, echo: Callable[[str], None] | None = None
-              ) -> tuple[list[RealTrace], RunStats]:
-    """Run `cases` ((source, case) pairs) on `kernel` (None: natively), one boot for all."""
+              boot_timeout: float = BOOT_TIMEOUT, echo: Callable[[str], None] | None = None,
+              era: "Era | None" = None) -> tuple[list[RealTrace], RunStats]:
+    """Run `cases` ((source, case) pairs) on `kernel` (None: natively), one
+    boot for all.  With `era` (the kernel's), a case that needs a KVM feature
+    the era lacks is not sent."""
     check_tools(kernel)
     runner = build_runner(root, for_native=kernel is None)
     logs = [execute(case) for _, case in cases]
-    traces: list[RealTrace | None] = [skip_reason(case, log) for (_, case), log in zip(cases, logs)]
+    traces: list[RealTrace | None] = [skip_reason(case, log, era) for (_, case), log in zip(cases, logs)]
     send = [(i, case) for i, (_, case) in enumerate(cases) if traces[i] is None]
     stats = RunStats(sent=len(send))
     if send:

@@ -42,14 +42,34 @@
 #define VGIC_DIST_SIZE 0x10000ULL
 #define VGIC_REDIST_SIZE 0x20000ULL  /* RD + SGI frame of one vCPU */
 #define SCRATCH_TABLE 0x1000ULL      /* offset of the page table list in the scratch slot */
+#define DBGBCR_EXEC_EL1_ALL 0x1fe3ULL /* enabled, EL1, all byte lanes (the selftest's value) */
+#define EC_SOFTSTP_LOW 0x32
+
+/* Newer than some UAPI headers here: the SMCCC filter (v6.4). */
+#ifndef KVM_ARM_VM_SMCCC_CTRL
+#define KVM_ARM_VM_SMCCC_CTRL 0
+#define KVM_ARM_VM_SMCCC_FILTER 0
+struct kvm_smccc_filter { uint32_t base, nr_functions; uint8_t action, pad[15]; };
+#define KVM_SMCCC_FILTER_FWD_TO_USER 2
+#endif
+#ifndef KVM_HYPERCALL_EXIT_SMC
+#define KVM_HYPERCALL_EXIT_SMC (1U << 0)
+#endif
 
 struct region { uint64_t base, size; int kind, prefault; void *host; };
-struct event { int when; uint64_t n; int what; };
+struct event {
+	int when; uint64_t n; int what;
+	int reg; uint64_t value;                       /* DO_SET_REG */
+	int control, nbps; uint64_t bps[MAX_HW_BPS];   /* DO_DEBUG */
+};
 
 struct casedef {
 	long id;
 	uint64_t base, max_steps, timeout_ms, mmio_read;
 	uint64_t regs[32];
+	uint64_t daif, hypercall_result;
+	uint64_t smccc[MAX_SMCCC][2];
+	int nsmccc;
 	struct region reg[MAX_REGIONS];
 	int nreg;
 	struct event ev[MAX_EVENTS];
@@ -162,6 +182,8 @@ static int get_reg(int vcpu, uint64_t id, uint64_t *value)
 #define REG_PC core_reg(offsetof(struct kvm_regs, regs.pc))
 #define REG_PSTATE core_reg(offsetof(struct kvm_regs, regs.pstate))
 #define REG_SP_EL1 core_reg(offsetof(struct kvm_regs, sp_el1))
+#define REG_ELR_EL1 core_reg(offsetof(struct kvm_regs, elr_el1))
+#define REG_SPSR_EL1 core_reg(offsetof(struct kvm_regs, spsr[0]))
 
 static int set_memslot(int vm, int slot, uint64_t ipa, uint64_t size, void *host)
 {
@@ -397,32 +419,109 @@ static const char *unsupported(const struct casedef *c, const struct region **di
 	return NULL;
 }
 
+/* The events that come after the Nth exit of kind `when`, added to `pending`. */
+static int add_events(const struct casedef *c, int when, uint64_t n, int *pending, int npending)
+{
+	for (int i = 0; i < c->nev && npending < MAX_EVENTS; i++)
+		if (c->ev[i].when == when && c->ev[i].n == n)
+			pending[npending++] = i;
+	return npending;
+}
+
+static int set_guest_debug(int vcpu, const struct event *e, uint64_t end_code)
+{
+	struct kvm_guest_debug dbg;
+	int n = 0;
+
+	memset(&dbg, 0, sizeof(dbg));
+	if (e->control != DEBUG_OFF)
+		dbg.control = KVM_GUESTDBG_ENABLE | (e->control == DEBUG_STEP ? KVM_GUESTDBG_SINGLESTEP : 0);
+	if (e->control != DEBUG_OFF) {
+		for (int i = 0; i < e->nbps; i++, n++) {
+			dbg.arch.dbg_bvr[n] = e->bps[i];
+			dbg.arch.dbg_bcr[n] = DBGBCR_EXEC_EL1_ALL;
+		}
+		/* continuing, the VMM keeps a breakpoint at the end of the code */
+		if (e->control == DEBUG_CONTINUE) {
+			dbg.arch.dbg_bvr[n] = end_code;
+			dbg.arch.dbg_bcr[n++] = DBGBCR_EXEC_EL1_ALL;
+		}
+		if (n)
+			dbg.control |= KVM_GUESTDBG_USE_HW;
+	}
+	return ioctl(vcpu, KVM_SET_GUEST_DEBUG, &dbg);
+}
+
+static int set_one(int vcpu, int reg, uint64_t value)
+{
+	if (reg < 31)
+		return set_reg(vcpu, REG_X(reg), value);
+	if (reg == 31)
+		return set_reg(vcpu, REG_SP_EL1, value);
+	if (reg == REG_INDEX_PC)
+		return set_reg(vcpu, REG_PC, value);
+	uint64_t pstate = 0;
+	if (get_reg(vcpu, REG_PSTATE, &pstate) < 0)
+		return -1;
+	return set_reg(vcpu, REG_PSTATE, (pstate & ~0x3c0ULL) | (value & 0x3c0ULL));
+}
+
 static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 {
-	uint64_t nstops = 0, nmmio = 0, max_runs = 8 * c->max_steps + 64;
-	int pending = 0;
+	uint64_t nstops = 0, nmmio = 0, nhyper = 0, neintr = 0, max_runs = 8 * c->max_steps + 64;
+	int flags = 0, mmio_open = 0, pending[MAX_EVENTS], npending = 0;
 	struct kvm_run *run = v->run;
 	sigset_t usr1;
 	struct timespec zero = { 0, 0 };
 
 	sigemptyset(&usr1);
 	sigaddset(&usr1, SIGUSR1);
+	npending = add_events(c, EV_START, 0, pending, 0);
 	for (;;) {
 		if (timed_out)
 			return end_case(c, v, ENDED_TIMEOUT, ""), 0;
 		if (v->runs >= max_runs)
 			return end_case(c, v, ENDED_MAX_RUNS, ""), 0;
-		if ((pending & DO_PREEMPT) && migrate() < 0)
+		/* The VMM's actions, in the order the case lists them; events they
+		 * trigger (an eintr) wait for the next round. */
+		int actions[MAX_EVENTS], nactions = npending;
+		memcpy(actions, pending, sizeof(int) * (size_t)npending);
+		npending = 0;
+		for (int k = 0; k < nactions; k++) {
+			const struct event *e = &c->ev[actions[k]];
+			flags |= e->what & (DO_IMMEDIATE | DO_SIGNAL | DO_PREEMPT);
+			if (e->what == DO_DEBUG && set_guest_debug(v->vcpu, e, end_code) < 0)
+				return setup_fail(c, v, "KVM_SET_GUEST_DEBUG");
+			if (e->what != DO_SET_REG)
+				continue;
+			if (mmio_open) {
+				/* complete the MMIO exit before touching registers, as the API asks */
+				mmio_open = 0;
+				run->immediate_exit = 1;
+				int r = ioctl(v->vcpu, KVM_RUN, 0);
+				run->immediate_exit = 0;
+				v->runs++;
+				if (r < 0 && errno == EINTR) {
+					out("%ld I", c->id);
+					v->nrec++;
+					npending = add_events(c, EV_EINTR, ++neintr, pending, npending);
+				}
+			}
+			if (set_one(v->vcpu, e->reg, e->value) < 0)
+				return setup_fail(c, v, "KVM_SET_ONE_REG (set-reg)");
+		}
+		if ((flags & DO_PREEMPT) && migrate() < 0)
 			out("%ld note preempt: cannot move to another CPU (%s)", c->id, strerror(errno));
-		if (pending & DO_SIGNAL)
+		if (flags & DO_SIGNAL)
 			raise(SIGUSR1);           /* blocked here, unblocked inside KVM_RUN */
-		run->immediate_exit = (pending & DO_IMMEDIATE) ? 1 : 0;
+		run->immediate_exit = (flags & DO_IMMEDIATE) ? 1 : 0;
 		int ret = ioctl(v->vcpu, KVM_RUN, 0);
 		int err = errno;
 		run->immediate_exit = 0;
-		if (pending & DO_SIGNAL)
+		if (flags & DO_SIGNAL)
 			sigtimedwait(&usr1, NULL, &zero);   /* never let it reach a later KVM_RUN */
-		pending = 0;
+		flags = 0;
+		mmio_open = 0;
 		v->runs++;
 		if (ret < 0) {
 			if (err == EINTR) {
@@ -430,6 +529,7 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 					return end_case(c, v, ENDED_TIMEOUT, ""), 0;
 				out("%ld I", c->id);
 				v->nrec++;
+				npending = add_events(c, EV_EINTR, ++neintr, pending, npending);
 				continue;
 			}
 			out("%ld E %d", c->id, err);
@@ -441,11 +541,12 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 		switch (run->exit_reason) {
 		case KVM_EXIT_DEBUG: {
 			uint64_t pc = 0;
+			uint32_t hsr = run->debug.arch.hsr;
 			if (get_reg(v->vcpu, REG_PC, &pc) < 0)
 				return setup_fail(c, v, "KVM_GET_ONE_REG (pc)");
-			out("%ld S %#llx %#x", c->id, (unsigned long long)pc, run->debug.arch.hsr);
+			out("%ld S %#llx %#x", c->id, (unsigned long long)pc, hsr);
 			if (nrecorded < MAX_RECORDED)
-				recorded[nrecorded++] = (struct stop_record){ pc, run->debug.arch.hsr };
+				recorded[nrecorded++] = (struct stop_record){ pc, hsr };
 			v->nrec++;
 			nstops++;
 			if (pc == end_code)
@@ -454,9 +555,9 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 				return end_case(c, v, ENDED_LEFT_CODE, ""), 0;
 			if (nstops >= c->max_steps)
 				return end_case(c, v, ENDED_MAX_STEPS, ""), 0;
-			for (int i = 0; i < c->nev; i++)
-				if (c->ev[i].when == EV_STOP && c->ev[i].n == nstops)
-					pending |= c->ev[i].what;
+			npending = add_events(c, EV_STOP, nstops, pending, npending);
+			if ((hsr >> 26) != EC_SOFTSTP_LOW && !npending)
+				return end_case(c, v, ENDED_BREAKPOINT, ""), 0;
 			break;
 		}
 		case KVM_EXIT_MMIO: {
@@ -471,12 +572,20 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			out("%ld M %c %#llx %u %#llx", c->id, run->mmio.is_write ? 'w' : 'r',
 			    (unsigned long long)run->mmio.phys_addr, run->mmio.len, (unsigned long long)data);
 			v->nrec++;
-			nmmio++;
-			for (int i = 0; i < c->nev; i++)
-				if (c->ev[i].when == EV_MMIO && c->ev[i].n == nmmio)
-					pending |= c->ev[i].what;
+			mmio_open = 1;
+			npending = add_events(c, EV_MMIO, ++nmmio, pending, npending);
 			break;
 		}
+		case KVM_EXIT_HYPERCALL:
+			/* the PC is past the call already; the answer goes in x0.  (`flags`
+			 * shares its low half with `longmode`, all older headers have.) */
+			out("%ld H %s %#llx", c->id, (run->hypercall.longmode & KVM_HYPERCALL_EXIT_SMC) ? "smc" : "hvc",
+			    (unsigned long long)run->hypercall.nr);
+			v->nrec++;
+			if (set_reg(v->vcpu, REG_X(0), c->hypercall_result) < 0)
+				return setup_fail(c, v, "KVM_SET_ONE_REG (hypercall result)");
+			npending = add_events(c, EV_HYPERCALL, ++nhyper, pending, npending);
+			break;
 		case KVM_EXIT_INTR:
 			out("%ld I", c->id);
 			v->nrec++;
@@ -557,6 +666,16 @@ static void run_case(struct casedef *c)
 	}
 	if (dist && create_vgic(c, &v, dist, taken, &ntaken) < 0)
 		goto out;
+	for (int i = 0; i < c->nsmccc; i++) {
+		struct kvm_smccc_filter filter = { .base = (uint32_t)c->smccc[i][0], .nr_functions = (uint32_t)c->smccc[i][1],
+						   .action = KVM_SMCCC_FILTER_FWD_TO_USER };
+		struct kvm_device_attr a = { .group = KVM_ARM_VM_SMCCC_CTRL, .attr = KVM_ARM_VM_SMCCC_FILTER,
+					     .addr = (uint64_t)(uintptr_t)&filter };
+		if (ioctl(v.vm, KVM_SET_DEVICE_ATTR, &a) < 0) {
+			setup_fail(c, &v, "KVM_SET_DEVICE_ATTR (SMCCC filter)");
+			goto out;
+		}
+	}
 	/* Every kernel answers PSCI_VERSION with 1.0, as the model does. */
 	if (set_reg(v.vcpu, KVM_REG_ARM_PSCI_VERSION, PSCI_1_0) < 0)
 		out("%ld note psci-version: the kernel refused PSCI 1.0 (%s)", c->id, strerror(errno));
@@ -589,7 +708,8 @@ static void run_case(struct casedef *c)
 			goto out;
 		}
 	if (set_reg(v.vcpu, REG_SP_EL0, 0) < 0 || set_reg(v.vcpu, REG_SP_EL1, c->regs[31]) < 0 ||
-	    set_reg(v.vcpu, REG_PC, c->base) < 0 || set_reg(v.vcpu, REG_PSTATE, PSTATE_EL1H_DAIF) < 0) {
+	    set_reg(v.vcpu, REG_PC, c->base) < 0 ||
+	    set_reg(v.vcpu, REG_PSTATE, (PSTATE_EL1H_DAIF & ~0x3c0ULL) | c->daif) < 0) {
 		setup_fail(c, &v, "KVM_SET_ONE_REG");
 		goto out;
 	}
