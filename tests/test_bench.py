@@ -9,7 +9,7 @@ def test_bench_cases_have_the_length_and_mix_they_claim():
         cases = bench_cases(n, 20, seed=n)
         assert all(len(c.words) == n for c in cases)
         logs = [execute(c) for c in cases]
-        assert all(log.outcome == Outcome.END and log.n >= 0.75 * n for log in logs)   # runs to the end (branches skip a few)
+        assert all(log.outcome == Outcome.END and log.n >= 0.6 * n for log in logs)   # runs to the end (branches skip a few)
         traps = sum(len(log.specials) for log in logs) / sum(log.n for log in logs)
         assert 0.03 < traps < 0.3, traps
         assert any(c.events for c in cases)

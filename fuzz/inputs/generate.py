@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from stepfuzz.oracle.case import INSN_EVENTS, REG_NAMES, Case, Event, Region
+from stepfuzz.oracle.case import INSN_EVENTS, MAX_HW_BPS, REG_NAMES, Case, Event, Region
 
 from stepfuzz.fuzz.inputs import insns as I
 from stepfuzz.fuzz.inputs.encoding import EVENT_KINDS
@@ -22,6 +22,7 @@ DATA, DATA2, MMIO, GICD_RAZ = 0x40000, 0x42000, 0x20000000, 0x800C000
 R_DATA, R_MMIO, R_GICD, R_DATA2, R_CODE, R_LOOP = 20, 21, 22, 23, 24, 10
 HVC_FUNCS = (0x84000000, 0x84000006, 0x80000000)     # PSCI_VERSION, MIGRATE_INFO_TYPE, SMCCC_VERSION
 UNKNOWN_FUNC_BASES = (0x82000000, 0x83000000, 0xC2000000, 0xC3000000)   # SiP/OEM: no kernel implements them
+FORWARDED = (0xC2000000, 16)      # the SiP range a generated VMM may ask KVM to forward to it (6.4+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class GenConfig:
     max_steps: int = 200
     p_exit: float = 0.35          # share of snippets that meet the hypervisor
     max_events: int = 3
+    p_forward: float = 0.3        # share of cases whose VMM takes hypercalls (the SMCCC filter)
+    p_conversation: float = 0.5   # share of events that are the VMM's own actions (register writes, debug)
 
 
 DEFAULT = GenConfig()
@@ -102,11 +105,18 @@ def exit_snippet(rnd: random.Random) -> list[int]:
             return [I.mdscr(read, rt)]
         return [I.debug_reg(read, rt, rnd.randrange(4, 8), rnd.randrange(4))]
     if r < 0.9:
-        if rnd.random() < 0.7:
+        q = rnd.random()
+        if q < 0.45:
             func = rnd.choice(HVC_FUNCS)
+        elif q < 0.7:
+            func = FORWARDED[0] | rnd.randrange(FORWARDED[1])     # forwarded when the VMM asks for it
         else:
             func = rnd.choice(UNKNOWN_FUNC_BASES) | rnd.getrandbits(16)
-        return [I.movz(0, func >> 16, 1), I.movz(0, func & 0xFFFF, 0, keep=True), I.hvc(0)]
+        # SMC only with ids every kernel answers alike (NOT_SUPPORTED or forwarded)
+        call = I.smc(0 if rnd.random() < 0.8 else rnd.getrandbits(16)) if rnd.random() < 0.35 and func not in HVC_FUNCS else I.hvc(0)
+        return [I.movz(0, func >> 16, 1), I.movz(0, func & 0xFFFF, 0, keep=True), call]
+    if r < 0.95:
+        return [I.brk(rnd.getrandbits(16))]        # a debug exit the VMM answers
     return [I.ldst_uimm(3, 1, _gpr(rnd), R_CODE, rnd.randrange(0, 0x100, 8))]   # load from a code page
 
 
@@ -137,15 +147,34 @@ def program(rnd: random.Random, cfg: GenConfig = DEFAULT) -> list[int]:
     return words
 
 
-def event(rnd: random.Random, n_insns: int) -> Event:
+def event(rnd: random.Random, n_insns: int, base: int = CODE_BASE, cfg: GenConfig = DEFAULT) -> Event:
     """Any kind of event, timed near the program's instructions or its first exits."""
+    if rnd.random() < cfg.p_conversation:
+        return vmm_action(rnd, n_insns, base)
     when, what = rnd.choice(EVENT_KINDS)
     at = rnd.randint(1, n_insns + 2) if when in INSN_EVENTS else rnd.randint(1, 4)
     return Event(when, at, what)
 
 
-def events(rnd: random.Random, n_insns: int, cfg: GenConfig = DEFAULT) -> tuple[Event, ...]:
-    return tuple(event(rnd, n_insns) for _ in range(rnd.randint(0, cfg.max_events)))
+def vmm_action(rnd: random.Random, n_insns: int, base: int) -> Event:
+    """What a debugger does between two KVM_RUNs: write a register, or change
+    how it debugs (step, continue to breakpoints, stop debugging)."""
+    when = rnd.choice(("stop", "stop", "stop", "mmio-exit", "hypercall-exit", "eintr", "start"))
+    at = 0 if when == "start" else rnd.randint(1, 4)
+    code = lambda: base + 4 * rnd.randrange(n_insns + 1)     # noqa: E731 (an address in the code)
+    r = rnd.random()
+    if r < 0.4:
+        q = rnd.random()
+        if q < 0.5:
+            return Event(when, at, "set-reg", reg="pc", value=code())
+        return Event(when, at, "set-reg", reg=f"x{rnd.randrange(16)}", value=rnd.choice((0, 1, rnd.getrandbits(64))))
+    control = rnd.choice(("step", "step", "continue", "continue", "off"))
+    bps = () if control == "off" else tuple(sorted({code() for _ in range(rnd.randint(0, MAX_HW_BPS))}))
+    return Event(when, at, "debug", control=control, hw_bp=bps, sw_bp=control != "off" and rnd.random() < 0.3)
+
+
+def events(rnd: random.Random, n_insns: int, cfg: GenConfig = DEFAULT, base: int = CODE_BASE) -> tuple[Event, ...]:
+    return tuple(event(rnd, n_insns, base, cfg) for _ in range(rnd.randint(0, cfg.max_events)))
 
 
 def mmio_value(rnd: random.Random) -> int:
@@ -157,6 +186,9 @@ def generate(rnd: random.Random, cfg: GenConfig = DEFAULT) -> Case:
     words = program(rnd, cfg)
     # sometimes start near the end of a page so the code crosses into the next
     base = CODE_BASE + (0x1000 - 4 * rnd.randint(1, 8) if rnd.random() < 0.15 else 0)
+    forward = rnd.random() < cfg.p_forward
     return Case(base=base, words=tuple(words), regs=registers(rnd), memory=memory(rnd),
                 mmio_read=mmio_value(rnd),
-                events=events(rnd, len(words), cfg), max_steps=cfg.max_steps, source="<generated>")
+                events=events(rnd, len(words), cfg, base), max_steps=cfg.max_steps, source="<generated>",
+                smccc_forward=(FORWARDED,) if forward else (),
+                hypercall_result=rnd.choice((0, 5, rnd.getrandbits(64))) if forward else 0)

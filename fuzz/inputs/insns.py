@@ -116,3 +116,11 @@ def mdscr(read: bool, rt: int) -> int:
 
 def hvc(imm: int = 0) -> int:
     return 0xD4000002 | (_imm(imm, 16) << 5)
+
+
+def smc(imm: int = 0) -> int:
+    return 0xD4000003 | (_imm(imm, 16) << 5)
+
+
+def brk(imm: int = 0) -> int:
+    return 0xD4200000 | (_imm(imm, 16) << 5)

@@ -70,7 +70,7 @@ def mutate_events(rnd: random.Random, case: Case) -> Case:
         if e.at:                          # (`start` events count nothing)
             ev[i] = replace(e, at=max(1, e.at + rnd.choice((-2, -1, 1, 2))))
     else:
-        ev.append(G.event(rnd, len(case.words)))
+        ev.append(G.event(rnd, len(case.words), case.base))
     return replace(case, events=tuple(ev[:8]))
 
 

@@ -31,7 +31,7 @@ static void load(struct casedef *c, const struct sf_case *s, long id)
 		c->reg[c->nreg++] = (struct region){ s->regions[i].base, s->regions[i].size,
 						     s->regions[i].kind, s->regions[i].prefault, NULL };
 	for (int i = 0; i < s->nevents; i++)
-		c->ev[c->nev++] = (struct event){ s->events[i].when, s->events[i].n, s->events[i].what };
+		c->ev[c->nev++] = (struct event){ .when = s->events[i].when, .n = s->events[i].n, .what = s->events[i].what };
 	memcpy(c->words, s->words, 4 * (size_t)s->nwords);
 	c->nwords = s->nwords;
 }
