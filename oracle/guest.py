@@ -455,6 +455,11 @@ class Machine:
             # With a write to come, stop exactly where it applies.  Unicorn
             # counts instructions only in blocks translated while counting,
             # so translations are flushed around a counted run (only then).
+            if case.base <= pc < case.end and decode(case.words[(pc - case.base) >> 2]).stops:
+                # Unicorn does not stop at an exit it starts on: handle it here
+                self._fetched(pc)
+                pc = self._on_exit(pc)
+                continue
             count = min(pending) - self.retired if pending else 0
             if count > 0:
                 self.regs.flush_tb()
@@ -479,6 +484,14 @@ class Machine:
                 if pc != case.end and self.retired not in pending:
                     pc = self._on_exit(pc)
         return self._log(case, writes, want_regs)
+
+    def _fetched(self, pc: int) -> None:
+        """The instruction at `pc` is fetched outside Unicorn: its first touch
+        of a page still takes the stage-2 fault the TLB hook would record."""
+        page = pc & ~(PAGE - 1)
+        if page not in self.touched and not any(b <= pc < e and pre for b, e, _, pre in self.ram):
+            self.touched.add(page)
+            self._fault_at(self.retired, FETCH)
 
     def _apply(self, writes: list[tuple[str, int]], pc: int) -> int:
         """Registers written from outside the guest; returns where it goes on."""

@@ -39,7 +39,8 @@ def reference(log: ExecLog) -> RefTrace:
     kernel = IdealKvm(log)
     trace = converse(kernel, kernel, case, Schedule(case))
     final = kernel.log.final_regs() if kernel.log is not log else None
-    return RefTrace([s.pc for s in trace.stops], trace.outcome, trace.detail, trace.stops, trace.tail, final)
+    return RefTrace([s.pc for s in trace.stops], trace.outcome, trace.detail, trace.stops, trace.tail, final,
+                    kernel.singlestep)
 
 
 def _talks(log: ExecLog) -> bool:

@@ -94,6 +94,7 @@ class RefTrace:
     full: list[Stop] | None = None     # None: every stop is one step, a software step
     tail: tuple[Exit, ...] = ()
     final_regs: dict[str, int] | None = None   # when the VMM's writes took it off the ideal path
+    stepping_at_end: bool = True       # False: it ran past max_steps with nothing stepping
 
     @property
     def stops(self) -> list[Stop]:

@@ -109,6 +109,10 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
         return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:feature",
                          detail="not reproducible here: " + not_reproducible(case, era))
     ref = reference(log)
+    if ref.outcome == Outcome.MAX_STEPS and not ref.stepping_at_end:
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
+                         detail="the guest runs past max_steps with nothing stepping: on a real kernel only a "
+                                "wall clock would stop it")
     if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION) or ref.outcome == Outcome.UNSUPPORTED:
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{Outcome.UNSUPPORTED if ref.outcome == Outcome.UNSUPPORTED else log.outcome}",
                          detail=ref.detail if ref.outcome == Outcome.UNSUPPORTED else log.detail)
