@@ -240,6 +240,7 @@ class Machine:
         self.case: Case | None = None
         self.slot = -1                        # the code slot of self.case
         self.exits: list[int] | None = None
+        self.page_exits: frozenset[int] = frozenset()
         self.fault: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ layout
@@ -262,7 +263,13 @@ class Machine:
         self.dirty = set()
         if last is None or last.base != case.base or last.words != case.words:
             self._new_code_slot(case)
-            exits = [case.end] + [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
+            stops = [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
+            # An exit address on the first word of a page makes Unicorn probe
+            # a fetch below that page when a run ends elsewhere; a block always
+            # starts there (no translation crosses a page), so the block hook
+            # stops before such a word instead.
+            self.page_exits = frozenset(a for a in stops if not a & (PAGE - 1))
+            exits = [case.end] + [a for a in stops if a & (PAGE - 1)]
             if exits != self.exits:
                 uc.ctl_set_exits(exits)
                 self.exits = exits
@@ -335,6 +342,9 @@ class Machine:
         if self.retired >= self.budget:
             self._ending(addr, Outcome.MAX_STEPS, "")
             uc.emu_stop()
+            return
+        if addr in self.page_exits:
+            uc.emu_stop()                 # before a word that cannot run natively (see _load)
             return
         self.block_pc, self.block_retired = addr, self.retired
         self.segments.append([addr, size >> 2])
