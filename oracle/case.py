@@ -175,6 +175,10 @@ class Case:
         """The address where the run ends: just past the last instruction."""
         return self.base + 4 * len(self.words)
 
+    def word_at(self, pc: int) -> int:
+        """The instruction word at `pc`, an address of the code."""
+        return self.words[(pc - self.base) >> 2]
+
     def region_at(self, addr: int) -> Region | None:
         for r in self.memory:
             if r.base <= addr < r.base + r.size:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .guest import ExecLog
-from .trace import HSR_STEPPED, RefTrace, Stop, Trace
+from .trace import RefTrace, Stop, Trace
 from .vocabulary import Completion, DivergenceKind, Trap, is_completion
 TRAPS = frozenset(Trap)
 HARMLESS = ("irq",)      # an interrupt taken while the step is active-not-pending
@@ -89,10 +89,9 @@ def _cause(why: tuple[str, ...]) -> str:
 def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
     first_skip = min(i for i, _ in model.skipped) if model.skipped else None
     stops = model.stops
-    plain = ref.full is None
     for i in range(model.agreed, min(len(ref.pcs), len(stops))):
         pc, got = ref.pcs[i], stops[i]
-        want = 1 if plain else ref.full[i].steps
+        want = ref.steps_at(i)
         if got.steps == want and got.pc == pc and got.ec == ref.ec_at(i):
             continue
         if first_skip is not None and first_skip <= i:
@@ -105,8 +104,7 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
             kind = DivergenceKind.PC_MISMATCH
         else:
             kind = DivergenceKind.STOP_KIND
-        expected = Stop(pc, 1, HSR_STEPPED) if plain else ref.full[i]
-        return Divergence(era, kind, i, _cause(got.why), expected, got)
+        return Divergence(era, kind, i, _cause(got.why), ref.stop_at(i), got)
     n = min(len(ref.pcs), len(stops))
     if len(stops) != len(ref.pcs):
         if len(stops) > n:
@@ -116,8 +114,7 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
                     DivergenceKind.MULTI_STEP if got.steps > 1 else DivergenceKind.EXTRA_STOP)
             return Divergence(era, kind, n, _cause(got.why), None, got)
         return Divergence(era, DivergenceKind.MISSING_STOP, n, _cause(model.tail_why + (model.outcome,)),
-                          ref.stops[n] if ref.full is not None else Stop(ref.pcs[n], 1, HSR_STEPPED), None,
-                          detail=model.detail)
+                          ref.stop_at(n), None, detail=model.detail)
     if model.outcome != ref.outcome:
         return Divergence(era, DivergenceKind.OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
                           detail=model.detail)

@@ -51,7 +51,6 @@ RW = ucc.UC_PROT_READ | ucc.UC_PROT_WRITE
 # PSCI / SMCCC as KVM answers them (the runner pins PSCI to v1.0 so every
 # kernel answers alike).  Any other function id in these service ranges is
 # implemented by some kernel with some effect -> not modelled.
-SMC_ALL_ONES, SMC_SMCCC = SmcAbi.ALL_ONES, SmcAbi.SMCCC
 PSCI_VERSION_1_0 = 0x10000
 HVC_RESULTS = {0x84000000: PSCI_VERSION_1_0,     # PSCI_VERSION
                0x84000006: 2,                    # MIGRATE_INFO_TYPE: no trusted OS to migrate
@@ -108,7 +107,7 @@ class ExecLog:
     outcome: str                      # an Outcome
     detail: str = ""
     writes: tuple[Write, ...] = ()    # register writes from outside the guest ("pc": where it goes on)
-    smc_abi: str = SMC_SMCCC
+    smc_abi: str = SmcAbi.SMCCC
     _regs: dict[str, int] | None = field(default=None, repr=False)
 
     @cached_property
@@ -135,7 +134,7 @@ class ExecLog:
         return machine().run(self.case, self.writes + writes, self.smc_abi)
 
 
-def execute(case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SMC_SMCCC) -> ExecLog:
+def execute(case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SmcAbi.SMCCC) -> ExecLog:
     """Run `case` in its ideal order.  Each write (i, reg, value) sets `reg`
     once i instructions have completed (`pc`: execution goes on there)."""
     return machine().run(case, writes, smc_abi)
@@ -431,7 +430,7 @@ class Machine:
 
     # ------------------------------------------------------------ running
 
-    def run(self, case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SMC_SMCCC,
+    def run(self, case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SmcAbi.SMCCC,
             want_regs: bool = False) -> ExecLog:
         uc, regs = self.uc, self.regs
         self._load(case)
@@ -462,28 +461,24 @@ class Machine:
                 self._ending(pc, Outcome.END, "")
                 break
             self.fault = None
-            # With a write to come, stop exactly where it applies.  Unicorn
-            # counts instructions only in blocks translated while counting,
-            # so translations are flushed around a counted run (only then).
-            if case.base <= pc < case.end and decode(case.words[(pc - case.base) >> 2]).stops:
+            if case.base <= pc < case.end and decode(case.word_at(pc)).stops:
                 # Unicorn does not stop at an exit it starts on: handle it here
                 self._fetched(pc)
                 pc = self._on_exit(pc)
                 continue
+            # With a write to come, stop exactly where it applies.  Unicorn
+            # counts instructions only in blocks translated while counting,
+            # so translations are flushed around a counted run (only then).
             count = min(pending) - self.retired if pending else 0
             if count > 0:
                 self.regs.flush_tb()
             try:
                 uc.emu_start(pc, 0, count=count) if count > 0 else uc.emu_start(pc, 0)
             except UcError as e:
-                if count > 0:
-                    self.regs.flush_tb()
                 pc = regs[A.UC_ARM64_REG_PC]
                 self._cut(pc)
                 pc = self._on_fault(pc, e)
             else:
-                if count > 0:
-                    self.regs.flush_tb()
                 if self.outcome is not None:
                     break
                 pc = regs[A.UC_ARM64_REG_PC]
@@ -493,6 +488,9 @@ class Machine:
                     break
                 if pc != case.end and self.retired not in pending:
                     pc = self._on_exit(pc)
+            finally:
+                if count > 0:
+                    self.regs.flush_tb()
         return self._log(case, writes, want_regs)
 
     def _fetched(self, pc: int) -> None:
@@ -588,10 +586,10 @@ class Machine:
         return pc
 
     def _smc(self, pc: int, imm: int) -> int:
-        """SMC, trapped by HCR_EL2.TSC and emulated by KVM (SMC_* above)."""
+        """SMC, trapped by HCR_EL2.TSC and emulated by KVM as the era's SmcAbi says."""
         regs = self.regs
         func = regs[X_REGS[0]] & 0xFFFFFFFF
-        if self.smc_abi == SMC_SMCCC and imm == 0:
+        if self.smc_abi == SmcAbi.SMCCC and imm == 0:
             if self.case.forwards(func):
                 regs[X_REGS[0]] = self.case.hypercall_result
                 return self._complete(pc, Special(kind=Meets.SMC_FORWARDED, detail=f"{func:#x}"))
@@ -611,7 +609,7 @@ class Machine:
     def _word(self, pc: int) -> int:
         case = self.case
         if case.base <= pc < case.end:
-            return case.words[(pc - case.base) >> 2]
+            return case.word_at(pc)
         return B_SELF if pc == case.end else int.from_bytes(self.uc.mem_read(self._code_phys(pc), 4), "little")
 
     def _log(self, case: Case, writes: tuple[Write, ...], want_regs: bool) -> ExecLog:

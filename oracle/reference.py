@@ -15,7 +15,7 @@ model, so both hold the same conversation.
 from __future__ import annotations
 
 from .conversation import Schedule, converse
-from .guest import ExecLog
+from .guest import BUDGET_SLACK, ExecLog
 from .trace import HSR_BREAKPOINT, HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED, RefTrace, hsr_brk
 from .isa import decode
 from .vocabulary import ExitReason, Meets, Outcome, RunResult
@@ -91,7 +91,7 @@ class IdealKvm:
         if immediate_exit or self.signal:
             self.signal = False
             return RunResult.EINTR
-        budget = self.case.max_steps + 2
+        budget = self.case.max_steps + BUDGET_SLACK
         while True:
             if self.singlestep and self.owed:
                 self.owed = False
@@ -135,7 +135,7 @@ class IdealKvm:
             if kind == Outcome.BREAKPOINT:
                 if not self.enabled:
                     return self._end(Outcome.UNSUPPORTED, "a BRK with debug off is the guest's own exception (not modelled yet)")
-                return self._debug(hsr_brk(decode(self.case.words[(self.pc - self.case.base) >> 2]).imm))
+                return self._debug(hsr_brk(decode(self.case.word_at(self.pc)).imm))
             if kind == Outcome.NO_SYNDROME:
                 self.ending = special.detail
                 return RunResult.ENOSYS

@@ -24,11 +24,9 @@ class Result:
     divergence: Divergence | None
 
 
-def smc_abi(case: Case, era: Era) -> SmcAbi:
-    """The SMC ABI an era's execution of `case` follows (one log serves all
-    eras when the case has no SMC)."""
-    has_smc = any(decode(w).kind == InsnClass.SMC for w in case.words)
-    return era.smc_abi if has_smc else SmcAbi.SMCCC
+def has_smc(case: Case) -> bool:
+    """Does the case's code hold an SMC (whose effect depends on the era's SmcAbi)?"""
+    return any(decode(w).kind == InsnClass.SMC for w in case.words)
 
 
 def not_reproducible(case: Case, era: Era) -> str:
@@ -48,8 +46,9 @@ def check(case: Case, eras: list[Era], first_divergence_only: bool = False) -> l
     whole traces)."""
     runs: dict[SmcAbi, tuple[ExecLog, RefTrace]] = {}
     results = []
+    smc = has_smc(case)        # (one log serves every era when there is none)
     for era in eras:
-        abi = smc_abi(case, era)
+        abi = era.smc_abi if smc else SmcAbi.SMCCC
         if abi not in runs:
             log = execute(case, smc_abi=abi)
             runs[abi] = (log, reference(log))

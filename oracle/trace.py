@@ -102,6 +102,9 @@ class RefTrace:
             return self.full
         return [Stop(pc, 1, HSR_STEPPED) for pc in self.pcs]
 
+    def stop_at(self, i: int) -> Stop:
+        return Stop(self.pcs[i], 1, HSR_STEPPED) if self.full is None else self.full[i]
+
     def steps_at(self, i: int) -> int:
         return 1 if self.full is None else self.full[i].steps
 

@@ -10,7 +10,7 @@ import random
 from dataclasses import replace
 from typing import Callable
 
-from stepfuzz.oracle.case import IPA_LIMIT, PAGE, REG_NAMES, Case, Event, Region
+from stepfuzz.oracle.case import IPA_LIMIT, PAGE, REG_NAMES, Case, Region
 from stepfuzz.oracle.isa import MASK64
 
 from stepfuzz.fuzz.inputs import generate as G

@@ -104,7 +104,9 @@ class Era:
         ("" if every release of it has the feature)."""
         since, what = FEATURES[feature]
         if not self.released:
-            return "" if self.id == "arch" else f"{what} is not in {self.kernels}"
+            # an unreleased era has the features of the release it builds on;
+            # the architecture (no such release) has them all
+            return f"{what} is not in {self.kernels}" if self.after and ERAS[self.after].lacks(feature) else ""
         if self.since is not None and self.since >= since:
             return ""
         v = ".".join(map(str, since[:2]))

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..case import Case
-from ..guest import Access, ExecLog, Special
+from ..guest import BUDGET_SLACK, Access, ExecLog, Special
 from ..isa import decode
 from ..trace import HSR_BREAKPOINT, HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED, hsr_brk
 from ..vocabulary import Completion, HwExitKind, Meets, Outcome, Trap
@@ -94,7 +94,7 @@ class GuestHw:
 
     def _run_free(self) -> HwExit:
         """Run without stepping until something exits to EL2."""
-        budget = self.case.max_steps + 2
+        budget = self.case.max_steps + BUDGET_SLACK
         while self.retired < budget:
             if self.irq_armed:
                 return self._irq()
@@ -144,16 +144,12 @@ class GuestHw:
         if kind == Outcome.BREAKPOINT:
             if not self.tde:
                 return self._unmodelled(idx, "a BRK with debug off is the guest's own exception")
-            return HwExit(HwExitKind.BRK, idx, hsr_brk(decode(self._word()).imm))
+            return HwExit(HwExitKind.BRK, idx, hsr_brk(decode(self.case.word_at(self.pc)).imm))
         return HwExit(HwExitKind.ENDING, idx, detail=kind)
 
     def _unmodelled(self, idx: int, why: str) -> HwExit:
         self.note = f"{why} (not modelled yet)"
         return HwExit(HwExitKind.ENDING, idx, detail=Outcome.UNSUPPORTED)
-
-    def _word(self) -> int:
-        case = self.case
-        return case.words[(self.pc - case.base) >> 2]
 
     def _irq(self, idx: int = -1) -> HwExit:
         # Named by the state it interrupts: taken while the step is still

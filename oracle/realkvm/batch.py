@@ -105,9 +105,9 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
     if runner_limit(case):
         return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:runner-limit",
                          detail="not reproducible here: " + runner_limit(case))
-    if era is not None and not_reproducible(case, era):
-        return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:feature",
-                         detail="not reproducible here: " + not_reproducible(case, era))
+    missing = not_reproducible(case, era) if era is not None else ""
+    if missing:
+        return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:feature", detail="not reproducible here: " + missing)
     ref = reference(log)
     if ref.outcome == Outcome.MAX_STEPS and not ref.stepping_at_end:
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
