@@ -113,13 +113,18 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
                          detail="the guest runs past max_steps with nothing stepping: on a real kernel only a "
                                 "wall clock would stop it")
-    if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION) or ref.outcome == Outcome.UNSUPPORTED:
-        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{Outcome.UNSUPPORTED if ref.outcome == Outcome.UNSUPPORTED else log.outcome}",
-                         detail=ref.detail if ref.outcome == Outcome.UNSUPPORTED else log.detail)
+    if ref.outcome == Outcome.UNSUPPORTED:
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{ref.outcome}", detail=ref.detail)
+    if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{log.outcome}", detail=log.detail)
+    # what the case asks of the VMM that neither the models nor the runner do yet
+    not_done = sorted({e.what for e in case.events if e.what in NOT_MODELLED}
+                      | {e.when for e in case.events if e.when == "system-event"}
+                      | ({f"nisv {case.nisv}"} if case.nisv != "end" else set()))
+    if not_done:
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{Outcome.UNSUPPORTED}",
+                         detail="not modelled yet: " + ", ".join(not_done))
     for e in case.events:
-        if e.what in NOT_MODELLED or e.when == "system-event" or case.nisv != "end":
-            return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{Outcome.UNSUPPORTED}",
-                             detail=f"not modelled yet: {e.what if e.what in NOT_MODELLED else e.when if e.when == 'system-event' else 'nisv ' + case.nisv}")
         if e.when in WHY_NOT:
             return RealTrace(case.source, end=f"{NOT_REPRODUCIBLE}:{e.when}-{e.what}",
                              detail="not reproducible here: " + WHY_NOT[e.when].format(at=e.at))
