@@ -7,7 +7,9 @@ with every trap KVM emulates treated as if the hardware had completed the
 instruction: a completed instruction owes one step exception, taken before
 anything else runs, wherever the PC then is; turning stepping off drops an
 owed step, turning it on steps the next instruction; a hardware breakpoint
-or a BRK stops before its instruction, with nothing stepped.
+or a BRK stops before its instruction, with nothing stepped; a signal that
+arrives while KVM handles an exit itself (a `trap` event) makes that KVM_RUN
+return -EINTR, as it would on any kernel.
 
 The same VMM (conversation.py) talks to this ideal kernel and to every era
 model, so both hold the same conversation.
@@ -24,6 +26,7 @@ from .vocabulary import ExitReason, Meets, Outcome, RunResult
 INVISIBLE = frozenset(("immediate-exit", "signal", "preempt", "host-irq"))
 # what the guest meets that a correct kernel completes without telling the VMM
 IN_KERNEL = (Meets.NATIVE, Meets.DBGREG, Meets.HVC, Meets.SMC)
+HANDLED_IN_KERNEL = IN_KERNEL[1:]      # ... of which these exit to KVM (an MMIO to an in-kernel device too)
 
 
 def reference(log: ExecLog) -> RefTrace:
@@ -67,6 +70,7 @@ class IdealKvm:
         self.hsr, self.mmio_access, self.hypercall = 0, None, ""
         self.ending = self.detail = ""
         self.signal = False
+        self.signal_on_trap = {e.at - 1 for e in log.case.events if e.when == "trap"}   # by dynamic index
         self.why: list[str] = []
         self.skipped: list[int] = []
 
@@ -111,6 +115,15 @@ class IdealKvm:
                     kind = Meets.NATIVE        # the `b .` after the code
                 elif log.outcome == Outcome.MAX_STEPS:
                     return self._end(Outcome.MAX_STEPS, "")
+            if idx in self.signal_on_trap and (special is not None and special.faults or kind in HANDLED_IN_KERNEL
+                                               or kind == Meets.MMIO and special.access.kernel):
+                # a signal arrives while KVM handles this instruction's first
+                # exit itself: KVM_RUN returns -EINTR before the guest runs again
+                self.signal_on_trap.discard(idx)
+                if not special.faults:
+                    self._retire()             # (emulated: it completed, its step is owed)
+                    self.owed = self.singlestep
+                return RunResult.EINTR
             if kind in IN_KERNEL:
                 self._retire()
                 if self.singlestep:
