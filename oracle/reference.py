@@ -100,10 +100,10 @@ class IdealKvm:
             if self.singlestep and self.owed:
                 self.owed = False
                 return self._debug(HSR_NOT_STEPPED)
+            if self.retired >= budget:        # (as the models bound a guest that runs free)
+                return self._end(Outcome.MAX_STEPS, "")
             if self.pc in self.bps:
                 return self._debug(HSR_BREAKPOINT)
-            if self.retired >= budget:
-                return self._end(Outcome.MAX_STEPS, "")
             log, idx = self.log, self.idx
             special = log.specials.get(idx) if idx <= log.n else None
             kind = special.kind if special is not None else Meets.NATIVE
