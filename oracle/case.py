@@ -179,6 +179,25 @@ class Case:
         """The instruction word at `pc`, an address of the code."""
         return self.words[(pc - self.base) >> 2]
 
+    @cached_property
+    def handler_words(self) -> dict[int, int]:
+        """The exception handlers' instructions by address (empty without `vectors`)."""
+        v = self.vectors
+        if v is None:
+            return {}
+        return {v.base + VECTOR_SLOTS[kind] + 4 * i: w for kind, words, _ in v.handlers for i, w in enumerate(words)}
+
+    def code_word(self, pc: int) -> int | None:
+        """The instruction at `pc` if it is the case's own (code or a handler)."""
+        if self.base <= pc < self.end:
+            return self.words[(pc - self.base) >> 2]
+        return self.handler_words.get(pc)
+
+    def vector(self, kind: str) -> int:
+        """Where an exception of `kind` (a VECTOR_SLOTS key) taken from EL1 goes."""
+        assert self.vectors is not None
+        return self.vectors.base + VECTOR_SLOTS[kind]
+
     def region_at(self, addr: int) -> Region | None:
         for r in self.memory:
             if r.base <= addr < r.base + r.size:
@@ -378,6 +397,11 @@ def parse_case(data: Any, source: str = "<case>") -> Case:
     if not 1 <= max_steps <= MAX_STEPS_LIMIT:
         raise CaseError(src, "max_steps", f"{max_steps} is outside 1..{MAX_STEPS_LIMIT}")
     expect = _parse_expect(top.get("expect", {}), src)
+    if any(e.what == "irq-line" for e in events) and any(r.kind == "mmio-kernel" for r in memory):
+        # KVM_IRQ_LINE drives the vCPU's own input only while the VM has no
+        # in-kernel irqchip, and an mmio-kernel region is the vGIC's
+        raise CaseError(src, "events", "irq-line drives the vCPU's interrupt input directly, "
+                        "which a VM with an mmio-kernel region (its vGIC) does not allow")
     return Case(base=base, words=words, regs=regs, memory=memory, mmio_read=mmio_read,
                 events=events, max_steps=max_steps, name=name, asm=asm_text, expect=expect,
                 el1_regs=el1_regs, vectors=vectors, smccc_forward=smccc_forward,

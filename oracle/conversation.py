@@ -7,7 +7,7 @@ is only the kernel behind `ioctl_run` (kvm/kernel.py per era, or the ideal
 kernel of reference.py).
 
 A kernel offers `ioctl_run(immediate_exit, preempt)`, `set_one_reg`,
-`set_guest_debug`, a `signal` flag and the fields a VMM reads after an exit
+`set_guest_debug`, `set_irq_line`, a `signal` flag and the fields a VMM reads after an exit
 (`exit_reason`, `hsr`, `mmio_access`, `hypercall`, `ending`); its `cpu` is
 where the guest is (`pc`, `retired`, `why`, `skipped`, `log`).
 """
@@ -25,7 +25,7 @@ _new_stop = tuple.__new__   # builds a Stop in C (NamedTuple's own __new__ is Py
 
 # VMM actions only the exit schedule's flags carry into the next KVM_RUN
 RUN_FLAGS = ("immediate-exit", "signal", "preempt")
-NOT_MODELLED = ("irq-line", "serror", "vcpu-init")
+NOT_MODELLED = ("serror", "vcpu-init")
 
 
 class Cpu(Protocol):
@@ -94,7 +94,7 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
                 if e.what in NOT_MODELLED:
                     outcome, detail = Outcome.UNSUPPORTED, f"the VMM action '{e.what}' is not modelled yet"
                     break
-                names.append(e.what if e.what in RUN_FLAGS else f"{e.what}:{e.reg or e.control}")
+                names.append(e.what if e.what in RUN_FLAGS else f"{e.what}:{e.reg or e.control or e.line}")
                 if e.what == "immediate-exit":
                     immediate = True
                 elif e.what == "signal":
@@ -103,6 +103,8 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
                     preempt = True
                 elif e.what == "debug":
                     kernel.set_guest_debug(e.control != "off", e.control == "step", debug_bps(case, e))
+                elif e.what == "irq-line":
+                    kernel.set_irq_line(e.line, e.level)
                 else:                          # set-reg
                     if mmio_open:
                         # KVM completes an MMIO exit on the next KVM_RUN; a VMM

@@ -26,19 +26,29 @@ from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_INSNS, MAX_RAM, PAGE, Case
-from .isa import B_SELF, MASK64, InsnClass, address, decode
+from .isa import B_SELF, EXCEPTIONS, MASK64, InsnClass, address, decode
 from .vocabulary import Meets, Outcome, SmcAbi
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM but the code pages
 ARENA_SIZE = MAX_RAM + 2 * PAGE
 CODE_ARENA = 0x20_0000_0000       # ... and of the code pages: a slot per loaded case
-CODE_SLOT = 8 * PAGE              # holds the pages of MAX_INSNS words and `b .` at any alignment
+CODE_SLOT = 8 * PAGE              # holds the pages of MAX_INSNS words and `b .` at any alignment, and the handlers'
 CODE_SLOTS = 64                   # all translations are flushed once per round of slots
-assert PAGE + 4 * (MAX_INSNS + 1) <= CODE_SLOT
+assert 2 * PAGE + 4 * (MAX_INSNS + 1) <= CODE_SLOT
 SUBPAGE = 0x400                   # Unicorn's TLB granule on AArch64
 TCG_BUFFER = 32 << 20             # Unicorn's translation buffer
 PSTATE_RESET = 0x3C5
-EXCP_HVC = 11                     # QEMU's exception number for HVC
+PSTATE_EL1H = 0x5                 # PSTATE.M: EL1 with SP_EL1, where the guest runs
+PSTATE_NZCV = 0xF000_0000
+PSTATE_SS = 1 << 21
+EXCP_UDEF = 1                     # QEMU's exception numbers: UNDEFINED ...
+EXCP_HVC = 11                     # ... and HVC
+ESR_IL = 1 << 25                  # a 32-bit instruction
+# ESR_EL1.ISS of an FP/SIMD trap as QEMU (the CPU the real kernels run on here) reports it: CV = 1, COND = 0xe
+ISS_FP_TRAP = 0x1E00000
+# where each kind of exception taken from EL1 with SP_EL1 enters (VBAR_EL1 + offset)
+VECTOR_OF = {"svc": "sync", "undef": "sync", "fp": "sync", "irq": "irq", "fiq": "fiq"}
+IRQ_LINES = (("fiq", 1 << 6, "fiq"), ("irq", 1 << 7, "irq"))   # (line, its PSTATE mask bit, vector); FIQ first, as QEMU
 BUDGET_SLACK = 2                  # instructions run past max_steps, for models that overshoot
 
 FETCH, READ, WRITE = ucc.UC_MEM_FETCH, ucc.UC_MEM_READ, ucc.UC_MEM_WRITE
@@ -64,6 +74,7 @@ REG_IDS = dict(zip([f"x{i}" for i in range(31)], X_REGS)) | {"sp": A.UC_ARM64_RE
 # the EL1 exception registers a case may set, as (op0, op1, CRn, CRm, op2)
 EL1_SYSREGS = {"elr_el1": (3, 0, 4, 0, 1), "spsr_el1": (3, 0, 4, 0, 0),
                "esr_el1": (3, 0, 5, 2, 0), "far_el1": (3, 0, 6, 0, 0)}
+CPACR_EL1 = (3, 0, 1, 0, 2)
 DAIF = 0x3C0
 
 Write = tuple[int, str, int]      # (instructions completed, register, value): a write from outside the guest
@@ -194,6 +205,10 @@ def write_sysreg(uc: Uc, op0: int, op1: int, crn: int, crm: int, op2: int, value
     uc.reg_write(A.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2, value))
 
 
+def read_sysreg(uc: Uc, op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    return uc.reg_read(A.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2))
+
+
 def el1_below_el2(uc: Uc) -> None:
     """Make EL1 a proper AArch64 non-secure EL below an EL2 (Unicorn resets
     SCR_EL3 and HCR_EL2 to 0)."""
@@ -241,6 +256,8 @@ class Machine:
         self.exits: list[int] | None = None
         self.page_exits: frozenset[int] = frozenset()
         self.fault: tuple[int, int] | None = None
+        self.code_pages: dict[int, int] = {}
+        self.stale_pages: dict[int, int] = {}   # the last case's code pages, while Unicorn may look them up
 
     # ------------------------------------------------------------ layout
 
@@ -254,15 +271,25 @@ class Machine:
                 self.ram.append((r.base, r.end, off, r.prefault))
                 off += r.size
         self.devices = [(r.base, r.end, r.kind == "mmio-kernel") for r in case.memory if r.kind != "ram"]
-        first = case.base & ~(PAGE - 1)
-        self.code_pages = range(first, (case.end + 4 + PAGE - 1) & ~(PAGE - 1), PAGE)
         zero = bytes(SUBPAGE)
         for sub in self.dirty:
             uc.mem_write(sub, zero)
         self.dirty = set()
-        if last is None or last.base != case.base or last.words != case.words:
+        if (last is None or last.base != case.base or last.words != case.words
+                or last.handler_words != case.handler_words):
+            # Unicorn invalidates the translations at the old exits when the
+            # next run starts, and looks their pages up to do it: until
+            # then those pages still fetch from the old slot (not a fault of
+            # the new case; a jump there is still stopped by the block hook)
+            old = {page: self._code_phys(page) for page in self.code_pages}
+            first = case.base & ~(PAGE - 1)
+            pages = list(range(first, (case.end + 4 + PAGE - 1) & ~(PAGE - 1), PAGE))
+            pages += sorted({a & ~(PAGE - 1) for a in case.handler_words} - set(pages))
+            self.code_pages = {page: i for i, page in enumerate(pages)}   # page -> its place in the slot
+            self.stale_pages = {page: phys for page, phys in old.items() if page not in self.code_pages}
             self._new_code_slot(case)
             stops = [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
+            stops += [a for a, w in case.handler_words.items() if decode(w).stops]
             # An exit address on the first word of a page makes Unicorn probe
             # a fetch below that page when a run ends elsewhere; a block always
             # starts there (no translation crosses a page), so the block hook
@@ -288,16 +315,28 @@ class Machine:
         self.slot = (self.slot + 1) % CODE_SLOTS
         if self.slot == 0:
             self.regs.flush_tb()
-        pages = bytes(case.base - self.code_pages.start) + program_bytes(case)
-        self.uc.mem_write(self._code_phys(self.code_pages.start),
-                          pages.ljust(len(self.code_pages) * PAGE, b"\0"))
+        image = bytearray(len(self.code_pages) * PAGE)
+        at = case.base & (PAGE - 1)          # (the code's first page is the slot's first)
+        code = program_bytes(case)
+        image[at:at + len(code)] = code
+        for addr, w in case.handler_words.items():
+            at = self._code_phys(addr) - self._code_phys(case.base & ~(PAGE - 1))
+            image[at:at + 4] = w.to_bytes(4, "little")
+        self.uc.mem_write(self._code_phys(case.base & ~(PAGE - 1)), bytes(image))
 
     def _code_phys(self, addr: int) -> int:
-        return CODE_ARENA + self.slot * CODE_SLOT + addr - self.code_pages.start
+        return (CODE_ARENA + self.slot * CODE_SLOT + self.code_pages[addr & ~(PAGE - 1)] * PAGE
+                + (addr & (PAGE - 1)))
 
     # ------------------------------------------------------------ hooks
 
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _data) -> bool:
+        if access == FETCH and self.stale_pages:
+            phys = self.stale_pages.get(vaddr & ~(PAGE - 1))
+            if phys is not None:
+                entry.paddr = phys + (vaddr & (PAGE - 1) & ~(SUBPAGE - 1))
+                entry.perms = RX
+                return True
         for base, end, off, prefault in self.ram:
             if base <= vaddr < end:
                 break
@@ -332,7 +371,7 @@ class Machine:
 
     def _on_block(self, uc: Uc, addr: int, size: int, _data) -> None:
         case = self.case
-        if not case.base <= addr < case.end:
+        if not case.base <= addr < case.end and addr not in case.handler_words:
             # A branch left the code (into the rest of a code page).  Stop
             # before this block runs; nothing in it counts.
             self._ending(addr, Outcome.LEFT_CODE, f"branched to {addr:#x}")
@@ -386,15 +425,83 @@ class Machine:
             self._ending(pc, Outcome.UNSUPPORTED, f"hvc #{imm} with function {func & 0xFFFFFFFF:#x} is not modelled")
         elif self.outcome is None:
             self._cut(pc)
-            self._exception(pc, f"exception {intno} at {pc:#x}")
+            if intno == EXCP_UDEF and self.case.code_word(pc) is None:
+                # the zeros after a handler (UDF #0): it ran off its end
+                self._ending(pc, Outcome.LEFT_CODE, f"ran past the end of a handler, to {pc:#x}")
+            elif intno == EXCP_UDEF and self.case.vectors is not None:
+                # decoded as ordinary, yet Unicorn's Cortex-A72 has no such
+                # instruction: QEMU's `max` CPU (the real kernels') may
+                self._ending(pc, Outcome.UNSUPPORTED, f"{self._word(pc):#010x} at {pc:#x} is not an instruction "
+                             "of the guest CPU (Cortex-A72); the real one may have it")
+            else:
+                self._exception(pc, f"exception {intno} at {pc:#x}")
         uc.emu_stop()
 
     def _exception(self, pc: int, detail: str) -> None:
-        """An exception taken to the guest's own EL1 ends the run."""
+        """An exception not modelled (an abort at EL1, Unicorn's own UNDEF):
+        the run ends there."""
         if self.case.vectors is not None:
-            self._ending(pc, Outcome.UNSUPPORTED, f"{detail}: exception vectors are not modelled yet")
+            self._ending(pc, Outcome.UNSUPPORTED, f"{detail}: not modelled yet")
         else:
             self._ending(pc, Outcome.GUEST_EXCEPTION, detail)
+
+    def _take(self, pc: int, which: str, esr: int | None = None) -> int:
+        """Exception entry to the guest's EL1, as the CPU does it (Unicorn
+        never does: QEMU's arm_cpu_do_interrupt_aarch64 is the model).  The
+        instruction at `pc` takes it (an SVC completes first); returns the
+        vector.  Without `vectors` the run ends there, as a guest exception."""
+        case, regs = self.case, self.regs
+        pstate = regs[A.UC_ARM64_REG_PSTATE]
+        if case.vectors is None:
+            self._ending(pc, Outcome.GUEST_EXCEPTION, f"{which} at {pc:#x}")
+            return pc
+        if pstate & 0xF != PSTATE_EL1H:
+            # (the vector would be VBAR + 0x000..0x180, and the SP banks switch)
+            self._ending(pc, Outcome.UNSUPPORTED, f"{which} taken with SP_EL0 selected is not modelled")
+            return pc
+        retires = which == "svc"
+        self.specials[self.retired] = Special(kind=Meets.SVC if retires else Meets.EXCEPTION, detail=which)
+        self.segments.append([pc, 1])
+        self.retired += 1
+        regs[A.UC_ARM64_REG_ELR_EL1] = pc + 4 if retires else pc
+        write_sysreg(self.uc, *EL1_SYSREGS["spsr_el1"], pstate & (PSTATE_NZCV | DAIF | 0xF))
+        if esr is not None:
+            regs[A.UC_ARM64_REG_ESR_EL1] = esr
+        # the new PSTATE: all of DAIF masked, EL1h, flags clear (as QEMU and
+        # KVM's enter_exception64 build it)
+        self._set_pstate(DAIF | PSTATE_EL1H)
+        return case.vector(VECTOR_OF[which])
+
+    def _set_pstate(self, value: int) -> None:
+        # A system register write makes Unicorn see the new PSTATE.  (Its
+        # VBAR_EL1 stays 0, outside any case's code: given a real vector,
+        # Unicorn delivers its own exceptions there, e.g. the data abort of
+        # an MMIO access it stops at, and the next run inherits the state.)
+        self.regs[A.UC_ARM64_REG_PSTATE] = value
+        write_sysreg(self.uc, *CPACR_EL1, 0)
+
+    def _eret(self, pc: int) -> int:
+        """ERET at EL1: back to ELR_EL1 with SPSR_EL1's PSTATE (to EL1h only)."""
+        uc, regs = self.uc, self.regs
+        spsr, elr = read_sysreg(uc, *EL1_SYSREGS["spsr_el1"]), regs[A.UC_ARM64_REG_ELR_EL1]
+        if spsr & ~(PSTATE_NZCV | DAIF | 0xF | PSTATE_SS) or spsr & 0xF != PSTATE_EL1H:
+            self._ending(pc, Outcome.UNSUPPORTED, f"eret with SPSR_EL1 {spsr:#x}: "
+                         "a return to anything but EL1h with NZCV and DAIF is not modelled")
+            return pc
+        if elr & 3:
+            self._ending(pc, Outcome.UNSUPPORTED, f"eret to the misaligned {elr:#x} is not modelled")
+            return pc
+        self._set_pstate(spsr & ~PSTATE_SS)
+        return self._complete(pc, None, elr)
+
+    def _interrupt(self) -> str | None:
+        """The interrupt the guest takes before its next instruction, if any."""
+        if self.lines:
+            pstate = self.regs[A.UC_ARM64_REG_PSTATE]
+            for line, mask, _ in IRQ_LINES:
+                if self.lines.get(line) and not pstate & mask:
+                    return line
+        return None
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -420,13 +527,14 @@ class Machine:
         if self.outcome is None:
             self.outcome, self.detail, self.stop_pc = outcome, detail, pc
 
-    def _complete(self, pc: int, special: Special | None) -> int:
-        """An instruction completed outside Unicorn (emulated): count it, go on after it."""
+    def _complete(self, pc: int, special: Special | None, nxt: int | None = None) -> int:
+        """An instruction completed outside Unicorn (emulated): count it, go
+        on after it (or at `nxt`)."""
         if special is not None:
             self.specials[self.retired] = special
         self.segments.append([pc, 1])
         self.retired += 1
-        return pc + 4
+        return pc + 4 if nxt is None else nxt
 
     # ------------------------------------------------------------ running
 
@@ -439,6 +547,7 @@ class Machine:
             regs[REG_IDS[name]] = value
         if case.el1_regs:
             self._el1_regs(case)
+        self.lines: dict[str, int] = {}       # interrupt lines the VMM drives (KVM_IRQ_LINE)
         self.smc_abi = smc_abi
         self.touched: set[int] = set()
         self.faults: dict[int, list[str]] = {}
@@ -461,17 +570,32 @@ class Machine:
                 self._ending(pc, Outcome.END, "")
                 break
             self.fault = None
-            if case.base <= pc < case.end and decode(case.word_at(pc)).stops:
+            line = self._interrupt()
+            word = case.code_word(pc)
+            if (line is not None or word is not None and decode(word).stops) and self.retired >= self.budget:
+                # (the bound the block hook keeps for Unicorn, kept here too:
+                # an ERET to itself or an exception in a handler loops here)
+                self._ending(pc, Outcome.MAX_STEPS, "")
+                break
+            if line is not None:
+                pc = self._take(pc, line)
+                continue
+            if word is not None and decode(word).stops:
                 # Unicorn does not stop at an exit it starts on: handle it here
                 self._fetched(pc)
                 pc = self._on_exit(pc)
                 continue
-            # With a write to come, stop exactly where it applies.  Unicorn
-            # counts instructions only in blocks translated while counting,
-            # so translations are flushed around a counted run (only then).
+            # With a write to come, stop exactly where it applies; with an
+            # interrupt line up but masked, after every instruction (one may
+            # unmask it).  Unicorn counts instructions only in blocks
+            # translated while counting, so translations are flushed around
+            # a counted run (only then).
             count = min(pending) - self.retired if pending else 0
+            if any(self.lines.values()):
+                count = 1
             if count > 0:
                 self.regs.flush_tb()
+            before = self.retired
             try:
                 uc.emu_start(pc, 0, count=count) if count > 0 else uc.emu_start(pc, 0)
             except UcError as e:
@@ -486,7 +610,7 @@ class Machine:
                 if self.retired >= self.budget and pc != case.end:
                     self._ending(pc, Outcome.MAX_STEPS, "")
                     break
-                if pc != case.end and self.retired not in pending:
+                if pc != case.end and not (count > 0 and self.retired == before + count):
                     pc = self._on_exit(pc)
             finally:
                 if count > 0:
@@ -506,6 +630,8 @@ class Machine:
         for reg, value in writes:
             if reg == "pc":
                 pc = value
+            elif reg in ("irq", "fiq"):
+                self.lines[reg] = value
             elif reg == "daif":
                 pstate = self.regs[A.UC_ARM64_REG_PSTATE]
                 self.regs[A.UC_ARM64_REG_PSTATE] = (pstate & ~DAIF) | value
@@ -582,6 +708,12 @@ class Machine:
             return pc
         if insn.kind == InsnClass.SMC:
             return self._smc(pc, insn.imm)
+        if insn.kind == InsnClass.GUEST_EXCEPTION:
+            ec = EXCEPTIONS[insn.reason].ec
+            iss = insn.imm if insn.reason == "svc" else ISS_FP_TRAP if insn.reason == "fp" else 0
+            return self._take(pc, insn.reason, (ec << 26) | ESR_IL | iss)
+        if insn.kind == InsnClass.ERET:
+            return self._eret(pc)
         self._ending(pc, Outcome.UNSUPPORTED, f"{insn.reason} is not modelled")
         return pc
 
@@ -608,8 +740,9 @@ class Machine:
 
     def _word(self, pc: int) -> int:
         case = self.case
-        if case.base <= pc < case.end:
-            return case.word_at(pc)
+        word = case.code_word(pc)
+        if word is not None:
+            return word
         return B_SELF if pc == case.end else int.from_bytes(self.uc.mem_read(self._code_phys(pc), 4), "little")
 
     def _log(self, case: Case, writes: tuple[Write, ...], want_regs: bool) -> ExecLog:

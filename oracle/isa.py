@@ -23,6 +23,8 @@ class InsnClass(IntEnum):
     UNSUPPORTED = 5       # not modelled
     BRK = 6               # a breakpoint instruction: a debug exit while KVM debugs the guest
     SMC = 7               # trapped to KVM (HCR_EL2.TSC) and emulated there
+    GUEST_EXCEPTION = 8   # takes an exception to the guest's own EL1 (SVC, UDF, HLT, FP with FPEN = 0)
+    ERET = 9              # an exception return, at EL1: runs natively
 
 
 MASK64 = (1 << 64) - 1
@@ -45,14 +47,27 @@ class Insn:
     # DBGREG: which trapped debug register; HVC: its immediate
     reg: str = ""
     imm: int = 0
-    reason: str = ""          # UNSUPPORTED: why
+    reason: str = ""          # UNSUPPORTED: why; GUEST_EXCEPTION: which (an EXCEPTIONS key)
     # Unicorn must stop before it: it cannot run natively (derived; a field,
     # not a property, because the guest CPU asks it of every word of a case)
     stops: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stops", self.kind in (InsnClass.STORE_EXCLUSIVE, InsnClass.UNSUPPORTED,
-                                                        InsnClass.BRK, InsnClass.SMC))
+        object.__setattr__(self, "stops", self.kind >= InsnClass.STORE_EXCLUSIVE)
+
+
+# The exceptions an instruction takes to the guest's EL1: whether it retires
+# first (SVC's preferred return is the next instruction; the others return
+# to themselves) and its syndrome's EC, as ESR_EL1 shows it.
+@dataclass(frozen=True, slots=True)
+class GuestException:
+    retires: bool
+    ec: int
+
+
+EXCEPTIONS = {"svc": GuestException(True, 0x15),
+              "undef": GuestException(False, 0x00),      # UDF, HLT (halting debug disabled)
+              "fp": GuestException(False, 0x07)}         # FP/SIMD while CPACR_EL1.FPEN = 0
 
 
 _PLAIN = Insn(InsnClass.PLAIN)
@@ -84,9 +99,15 @@ def unsupported(reason: str) -> Insn:
     return Insn(InsnClass.UNSUPPORTED, reason=reason)
 
 
+def guest_exception(which: str, imm: int = 0) -> Insn:
+    return Insn(InsnClass.GUEST_EXCEPTION, reason=which, imm=imm)
+
+
 # A fresh vCPU has CPACR_EL1.FPEN = 0, so FP/SIMD traps to the guest's own
-# EL1; Unicorn runs it regardless, so stepfuzz does not model it.
-FP_SIMD = unsupported("FP/SIMD instruction (traps to the guest while CPACR_EL1.FPEN = 0)")
+# EL1 (that trap is checked before KVM's lazy-FP trap to EL2).
+FP_SIMD = guest_exception("fp")
+UNDEF = guest_exception("undef")
+ERET = Insn(InsnClass.ERET)
 
 
 @lru_cache(maxsize=1 << 14)     # a campaign's hit rate: 96.3 % (65,536 entries: 96.7 %, at four times the memory)
@@ -102,8 +123,11 @@ def decode(w: int) -> Insn:
     if (w & 0xFE000000) == 0xD6000000:            # branch to register
         if (w & 0xFF9FFC1F) == 0xD61F0000:        # BR, BLR, RET (no pointer authentication)
             return _PLAIN
-        opc = (w >> 21) & 15
-        return unsupported({4: "eret", 5: "dret"}.get(opc, "authenticated or unallocated branch"))
+        if w == 0xD69F03E0:
+            return ERET
+        return unsupported("dret, authenticated or unallocated branch")
+    if w >> 16 == 0:                              # UDF #imm16
+        return UNDEF
     return _PLAIN
 
 
@@ -173,8 +197,11 @@ def _exception(w: int) -> Insn:
         return Insn(InsnClass.SMC, imm=imm)
     if (opc, ll) == (1, 0):
         return Insn(InsnClass.BRK, imm=imm)
-    name = {(0, 1): "svc", (2, 0): "hlt"}.get((opc, ll), "dcps")
-    return unsupported(name)
+    if (opc, ll) == (0, 1):
+        return guest_exception("svc", imm)
+    if (opc, ll) == (2, 0):
+        return UNDEF                               # HLT: UNDEFINED while halting is disabled
+    return unsupported("dcps")
 
 
 def _system(w: int) -> Insn:

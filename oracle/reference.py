@@ -27,6 +27,9 @@ INVISIBLE = frozenset(("immediate-exit", "signal", "preempt", "host-irq"))
 # what the guest meets that a correct kernel completes without telling the VMM
 IN_KERNEL = (Meets.NATIVE, Meets.DBGREG, Meets.HVC, Meets.SMC)
 HANDLED_IN_KERNEL = IN_KERNEL[1:]      # ... of which these exit to KVM (an MMIO to an in-kernel device too)
+# what makes stops other than one per completed instruction: exits the VMM
+# answers, and exceptions taken in the guest (a step ends at the vector)
+TALKING = (Meets.HVC_FORWARDED, Meets.SMC_FORWARDED, Meets.EXCEPTION, Meets.SVC)
 
 
 def reference(log: ExecLog) -> RefTrace:
@@ -50,7 +53,7 @@ def _talks(log: ExecLog) -> bool:
     """Does the guest meet anything the VMM answers besides MMIO (a BRK, a
     forwarded hypercall, an access without a syndrome it may emulate)?"""
     return log.outcome == Outcome.BREAKPOINT or any(
-        s.kind in (Meets.HVC_FORWARDED, Meets.SMC_FORWARDED) for s in log.specials.values()) or (
+        s.kind in TALKING for s in log.specials.values()) or (
         log.outcome == Outcome.NO_SYNDROME and log.case.nisv != "end")
 
 
@@ -81,6 +84,11 @@ class IdealKvm:
         self.bps = bps if enable else frozenset()
         if not self.singlestep:
             self.owed = False          # turning stepping off drops a pending step
+
+    def set_irq_line(self, line: str, level: int) -> None:
+        # seen from the next instruction on (after an MMIO exit, after the
+        # access that completes on the next KVM_RUN)
+        self.log = self.log.again((self.idx + self.mmio_open, line, level))
 
     def set_one_reg(self, reg: str, value: int) -> None:
         self.log = self.log.again((self.idx, reg, value))
@@ -129,6 +137,13 @@ class IdealKvm:
                 if self.singlestep:
                     return self._debug(HSR_STEPPED | HSR_EX if self.pc_before in log.load_exclusive_pcs else HSR_STEPPED)
                 continue
+            if kind in (Meets.EXCEPTION, Meets.SVC):
+                # an exception entry completes a step at the vector; only an
+                # SVC retired on the way
+                self._retire(kind == Meets.SVC)
+                if self.singlestep:
+                    return self._debug(HSR_NOT_STEPPED)
+                continue
             if kind in (Meets.HVC_FORWARDED, Meets.SMC_FORWARDED):
                 self._retire()
                 self.owed = self.singlestep
@@ -156,10 +171,11 @@ class IdealKvm:
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _retire(self) -> None:
+    def _retire(self, completes: bool = True) -> None:
+        """On to the next dynamic instruction (`completes`: this one retired)."""
         log = self.log
         self.pc_before = self.pc
-        self.retired += 1
+        self.retired += completes
         self.idx += 1
         self.pc = log.pcs[self.idx] if self.idx <= log.n else self.case.end
 

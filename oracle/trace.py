@@ -32,6 +32,23 @@ def ec_of(hsr: int) -> str:
     return EC_KINDS.get(ec, f"ec-{ec:#x}")
 
 
+INTERRUPT_VECTORS = ("irq", "fiq", "serror")
+
+
+def interrupt_vector(case, stop: "Stop") -> str:
+    """The interrupt (irq, fiq, serror) whose vector `stop` lands on with
+    nothing retired, else "".  The architecture allows such a step (the
+    interrupt was taken before any instruction) and every kernel shows it;
+    a debugger would rather not (arm64 has no KVM_GUESTDBG_BLOCKIRQ), so it
+    is counted and reported as its own kind of stop, never as a bug."""
+    if stop.steps or case.vectors is None:
+        return ""
+    for kind in INTERRUPT_VECTORS:
+        if stop.pc == case.vector(kind):
+            return kind
+    return ""
+
+
 class Exit(NamedTuple):
     """A KVM_RUN return that is not a stop."""
     kind: ExitKind

@@ -90,6 +90,11 @@ class Meets(StrEnum):
     # an HVC or SMC the VMM asked KVM to forward to it (KVM_EXIT_HYPERCALL)
     HVC_FORWARDED = "hvc-forwarded"
     SMC_FORWARDED = "smc-forwarded"
+    # exceptions taken to the guest's own EL1, in hardware: the instruction
+    # did not complete (UNDEF, FP trap, an interrupt taken before it), or
+    # an SVC completed first; either way the next instruction is at a vector
+    EXCEPTION = "exception"
+    SVC = "svc"
 
 
 class Trap(StrEnum):
@@ -112,6 +117,7 @@ class Completion(StrEnum):
     NATIVE = "|native"
     EMULATED = "|emulated"
     HVC = "|hvc"
+    TAKEN = "|taken"              # nothing completed: an exception was taken to the guest's EL1
 
 
 class Ec(StrEnum):

@@ -96,12 +96,12 @@ def test_store_exclusive_always_fails_under_single_step():
     ("nop\nldp x1, x3, [x2]", {"x2": "0x20000000"}, (CODE, MMIO), Outcome.NO_SYNDROME),
     ("nop\nldr x1, [x2], #8", {"x2": "0x20000000"}, (CODE, MMIO), Outcome.NO_SYNDROME),
     ("nop\nwfi", None, (CODE,), Outcome.UNSUPPORTED),
-    ("nop\nsvc #0", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\nsvc #0", None, (CODE,), Outcome.GUEST_EXCEPTION),      # (no vectors)
     ("nop\nmrs x0, cntvct_el0", None, (CODE,), Outcome.UNSUPPORTED),
     ("nop\nmovz x0, #0x8400, lsl #16\nmovk x0, #8\nhvc #0", None, (CODE,), Outcome.UNSUPPORTED),
     ("nop\nhvc #1", None, (CODE,), Outcome.UNSUPPORTED),
     ("nop\n.inst 0x00000000", None, (CODE,), Outcome.GUEST_EXCEPTION),
-    ("nop\nfmov d0, #1.0", None, (CODE,), Outcome.UNSUPPORTED),
+    ("nop\nfmov d0, #1.0", None, (CODE,), Outcome.GUEST_EXCEPTION),   # CPACR_EL1.FPEN = 0
     ("nop\nbr x5", {"x5": "0x40000"}, (CODE, DATA), Outcome.LEFT_CODE),
     ("nop\nbr x5", {"x5": "0x10100"}, (CODE,), Outcome.LEFT_CODE),
     ("nop\nstr x1, [x5]", {"x5": "0x10004"}, (CODE,), Outcome.UNSUPPORTED),

@@ -42,7 +42,8 @@ def test_valid_syndrome_only_for_single_register_forms_without_writeback():
 def test_classes_named_by_capstone():
     cases = {0xD4000002: (InsnClass.HVC, "hvc"), 0xD5300080 | 3: (InsnClass.DBGREG, "mrs"), 0xD503201F: (InsnClass.PLAIN, "nop"),
              0xD503207F: (InsnClass.UNSUPPORTED, "wfi"), 0xC8027C20: (InsnClass.STORE_EXCLUSIVE, "stxr"),
-             0xD69F03E0: (InsnClass.UNSUPPORTED, "eret"), 0xD4000001: (InsnClass.UNSUPPORTED, "svc")}
+             0xD69F03E0: (InsnClass.ERET, "eret"), 0xD4000001: (InsnClass.GUEST_EXCEPTION, "svc"),
+             0x00000003: (InsnClass.GUEST_EXCEPTION, "udf"), 0xD4400000: (InsnClass.GUEST_EXCEPTION, "hlt")}
     for w, (kind, mnemonic) in cases.items():
         assert decode(w).kind == kind and text(w)[0] == mnemonic, hex(w)
     assert decode(0xD5300080 | 3).reg == "dbgbvr0_el1" and "dbgbvr0_el1" in text(0xD5300080 | 3)[1]

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from stepfuzz.oracle.asm import disasm
 from stepfuzz.oracle.case import Case
-from stepfuzz.oracle.trace import Exit, Stop, Trace
+from stepfuzz.oracle.trace import Exit, Stop, Trace, interrupt_vector
 from stepfuzz.oracle.vocabulary import Ec, Outcome
 
 if TYPE_CHECKING:
@@ -23,13 +23,30 @@ def result_json(r: Result, source: str) -> dict[str, Any]:
         "case": source,
         "era": r.era.id,
         "reference": ([{"pc": pc, "steps": 1} for pc in r.reference.pcs] if r.reference.full is None else
-                      [{"pc": s.pc, "steps": s.steps, "ec": s.ec} for s in r.reference.full]),
+                      [_ref_stop_json(r.case, s) for s in r.reference.full]),
+        "interrupt_vector_stops": interrupt_vector_stops(r),
         "reference_end": r.reference.outcome,
         "model": [stop_json(s) for s in r.model.stops],
         "model_end": r.model.outcome,
         **({"not_reproducible": r.model.detail} if r.model.outcome == Outcome.NOT_REPRODUCIBLE else {}),
         "divergence": r.divergence.to_json() if r.divergence else None,
     }
+
+
+def interrupt_vector_stops(r: Result) -> int:
+    """How many of the reference's stops land on an interrupt vector with
+    nothing retired (trace.interrupt_vector)."""
+    if r.reference.full is None:
+        return 0
+    return sum(1 for s in r.reference.full if interrupt_vector(r.case, s))
+
+
+def _ref_stop_json(case: Case, s: Stop) -> dict[str, Any]:
+    out: dict[str, Any] = {"pc": s.pc, "steps": s.steps, "ec": s.ec}
+    vector = interrupt_vector(case, s)
+    if vector:
+        out["interrupt_vector"] = vector
+    return out
 
 
 def stop_json(s: Stop) -> dict[str, Any]:
@@ -45,8 +62,9 @@ def exits_text(exits: Iterable[Exit]) -> str:
 
 def insn_at(case: Case, pc: int) -> str:
     """The instruction at `pc` of the case's code, disassembled."""
-    if case.base <= pc < case.end:
-        return disasm(case.words[(pc - case.base) >> 2], pc)
+    word = case.code_word(pc)
+    if word is not None:
+        return disasm(word, pc)
     return "b ." if pc == case.end else "?"
 
 
@@ -65,6 +83,10 @@ def result_table(r: Result, source: str, show_all: bool = False) -> str:
     if r.model.outcome == Outcome.NOT_REPRODUCIBLE:
         return head + f"not reproducible: {r.model.detail}"
     head += f"DIVERGES  {d.title}  [{d.signature}]" if d else "agrees"
+    landed = interrupt_vector_stops(r)
+    if landed:
+        head += (f"; {landed} step(s) land on an interrupt vector with nothing retired "
+                 "(architectural, not what a debugger wants)")
     ref, model = r.reference.stops, r.model.stops
     rows = max(len(ref), len(model))
     lines = [head, f"  {'stop':>4}  {'instruction completed (reference)':<38} {'reference':<16} {'model':<16} isv  exits in between"]

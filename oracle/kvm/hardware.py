@@ -133,6 +133,15 @@ class GuestHw:
             if self.stepping:
                 self.ss = False       # and it completes the step
             return HwExit(HwExitKind.HVC, idx, detail="forwarded" if kind == Meets.HVC_FORWARDED else "")
+        if kind in (Meets.EXCEPTION, Meets.SVC):
+            # taken to the guest's own EL1 in hardware (an SVC completes
+            # first); the entry clears PSTATE.SS, so while stepping the step
+            # exception is due at the vector before anything runs there
+            self._retire(Completion.NATIVE if kind == Meets.SVC else Completion.TAKEN, kind == Meets.SVC)
+            if self.stepping:
+                self.ss = False
+                return _step_exit(idx, HSR_NOT_STEPPED)
+            return None
         if kind in (Meets.SMC, Meets.SMC_FORWARDED):
             return HwExit(HwExitKind.SMC, idx, detail="forwarded" if kind == Meets.SMC_FORWARDED else "")
         if kind == Meets.DBGREG:
@@ -168,9 +177,10 @@ class GuestHw:
             return log.specials[idx]
         return Special(kind=Outcome.MAX_STEPS)
 
-    def _retire(self, how: str) -> None:
+    def _retire(self, how: str, completes: bool = True) -> None:
+        """On to the next dynamic instruction (`completes`: this one retired)."""
         idx = self.idx
-        self.retired += 1
+        self.retired += completes
         self.why.append(how)
         self.idx = idx + 1
         self.pc = self.log.pcs[idx + 1] if idx < self.log.n else self.case.end

@@ -54,6 +54,12 @@ class Kvm:
         """KVM_SET_ONE_REG of a core register: the value, nothing else."""
         self.hw.write(reg, value)
 
+    def set_irq_line(self, line: str, level: int) -> None:
+        """KVM_IRQ_LINE of the vCPU's own input (no vGIC): vcpu_interrupt_line()
+        sets or clears HCR_EL2.VI/VF, which the hardware sees from the next
+        entry on; nothing else of the step state changes."""
+        self.hw.write(line, level)
+
     # ------------------------------------------------------------ KVM_RUN
 
     def ioctl_run(self, immediate_exit: bool = False, preempt: bool = False) -> RunResult:
