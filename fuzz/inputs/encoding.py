@@ -118,6 +118,8 @@ def decode(data: bytes) -> Case:
     vectors = extra.pop("vectors", None)
     if vectors is not None and not _vectors_fit(vectors, memory, base, len(words)):
         vectors = None
+    if any(m.kind == "mmio-kernel" for m in memory):
+        events = [e for e in events if e.what != "irq-line"]   # (the vGIC owns the lines: case.py)
     return Case(base=base, words=tuple(words), regs=tuple((k, regs[k]) for k in REG_NAMES if k in regs),
                 memory=tuple(memory), mmio_read=mmio_read, events=tuple(events), max_steps=max_steps,
                 vectors=vectors, **extra, source="<fuzz input>")

@@ -4,14 +4,16 @@ A generated guest has a fixed, readable memory map and base registers that
 point into each kind of memory, so a random load or store lands on RAM that
 is or is not mapped at stage 2, userspace MMIO or the in-kernel device.
 About a third of the instructions meet the hypervisor; the rest are ALU
-work, branches, loops and exclusives.
+work, branches, loops and exclusives.  Some guests have exception vectors:
+they take SVCs, UNDEFs and FP traps, return with ERET, and get interrupts
+from a VMM that drives their IRQ and FIQ lines.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
-from stepfuzz.oracle.case import INSN_EVENTS, MAX_HW_BPS, REG_NAMES, Case, Event, Region
+from stepfuzz.oracle.case import INSN_EVENTS, IRQ_LINES, MAX_HW_BPS, REG_NAMES, Case, Event, Region, Vectors
 
 from stepfuzz.fuzz.inputs import insns as I
 from stepfuzz.fuzz.inputs.encoding import EVENT_KINDS
@@ -23,6 +25,9 @@ R_DATA, R_MMIO, R_GICD, R_DATA2, R_CODE, R_LOOP = 20, 21, 22, 23, 24, 10
 HVC_FUNCS = (0x84000000, 0x84000006, 0x80000000)     # PSCI_VERSION, MIGRATE_INFO_TYPE, SMCCC_VERSION
 UNKNOWN_FUNC_BASES = (0x82000000, 0x83000000, 0xC2000000, 0xC3000000)   # SiP/OEM: no kernel implements them
 FORWARDED = (0xC2000000, 16)      # the SiP range a generated VMM may ask KVM to forward to it (6.4+)
+VBAR = 0x18000                    # generated vectors: in the code's RAM, clear of any generated code
+R_HANDLER = 9                     # the handlers' scratch register
+EQ = 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class GenConfig:
     max_events: int = 3
     p_forward: float = 0.3        # share of cases whose VMM takes hypercalls (the SMCCC filter)
     p_conversation: float = 0.5   # share of events that are the VMM's own actions (register writes, debug)
+    p_vectors: float = 0.4        # share of guests with exception vectors (SVC, UNDEF, ERET, interrupts)
+    p_guest_exception: float = 0.1   # with vectors: share of snippets that take an exception or return from one
 
 
 DEFAULT = GenConfig()
@@ -138,30 +145,74 @@ def control_snippet(rnd: random.Random) -> list[int]:
     return [I.B_SELF]  # spins until max_steps
 
 
-def program(rnd: random.Random, cfg: GenConfig = DEFAULT) -> list[int]:
+def exception_snippet(rnd: random.Random) -> list[int]:
+    """Instructions that take an exception to the guest's EL1, return from
+    one, or mask and unmask interrupts (for a guest with vectors)."""
+    r = rnd.random()
+    if r < 0.3:
+        return [I.svc(rnd.getrandbits(16))]
+    if r < 0.45:
+        return [rnd.choice((I.udf(rnd.getrandbits(16)), I.hlt(rnd.getrandbits(16))))]
+    if r < 0.55:
+        return [I.FMOV_D0_X1]
+    if r < 0.75:          # an ERET to the next instruction, with DAIF from SPSR_EL1
+        spsr = rnd.choice((0x3C5, 0x345, 0x305, 0x5))
+        return [I.movz(R_HANDLER, spsr), I.msr(I.SPSR_EL1, R_HANDLER), I.adr(R_HANDLER, 3),
+                I.msr(I.ELR_EL1, R_HANDLER), I.ERET]
+    return [I.msr_daif(rnd.random() < 0.4, rnd.choice((2, 1, 3)))]
+
+
+def handler(rnd: random.Random, kind: str) -> tuple[int, ...]:
+    """A handler that returns: past the instruction that took a synchronous
+    exception (an SVC's return address is past it already), or to where an
+    interrupt came.  Sometimes with work of its own that meets KVM first."""
+    work = [w for _ in range(rnd.randint(0, 2)) for w in (alu(rnd) if rnd.random() < 0.5 else
+                                                        memory_access(rnd, R_MMIO, 0x100))]
+    if kind != "sync":
+        return tuple(work + [I.ERET])
+    skip = [I.mrs(R_HANDLER, I.ESR_EL1), I.lsr_imm(R_HANDLER, R_HANDLER, 26), I.cmp_imm(R_HANDLER, 0x15),
+            I.b_cond(4, EQ), I.mrs(R_HANDLER, I.ELR_EL1), I.add_imm(R_HANDLER, R_HANDLER, 4),
+            I.msr(I.ELR_EL1, R_HANDLER)]
+    return tuple(work + skip + [I.ERET])
+
+
+def vectors(rnd: random.Random) -> Vectors:
+    return Vectors(VBAR, tuple((kind, handler(rnd, kind), None) for kind in ("sync", "irq", "fiq")))
+
+
+def program(rnd: random.Random, cfg: GenConfig = DEFAULT, with_vectors: bool = False) -> list[int]:
     target = rnd.randint(cfg.min_insns, cfg.max_insns)
     words: list[int] = []
+    p_exc = cfg.p_guest_exception if with_vectors else 0.0
     while len(words) < target:
         r = rnd.random()
-        words += exit_snippet(rnd) if r < cfg.p_exit else control_snippet(rnd) if r < cfg.p_exit + 0.2 else alu(rnd)
+        words += (exception_snippet(rnd) if r < p_exc else exit_snippet(rnd) if r < p_exc + cfg.p_exit
+                  else control_snippet(rnd) if r < p_exc + cfg.p_exit + 0.2 else alu(rnd))
     return words
 
 
-def event(rnd: random.Random, n_insns: int, base: int = CODE_BASE, cfg: GenConfig = DEFAULT) -> Event:
+def event(rnd: random.Random, n_insns: int, base: int = CODE_BASE, cfg: GenConfig = DEFAULT,
+          irq: bool = False) -> Event:
     """Any kind of event, timed near the program's instructions or its first exits."""
     if rnd.random() < cfg.p_conversation:
-        return vmm_action(rnd, n_insns, base)
+        return vmm_action(rnd, n_insns, base, irq)
     when, what = rnd.choice(EVENT_KINDS)
     at = rnd.randint(1, n_insns + 2) if when in INSN_EVENTS else rnd.randint(1, 4)
     return Event(when, at, what)
 
 
-def vmm_action(rnd: random.Random, n_insns: int, base: int) -> Event:
-    """What a debugger does between two KVM_RUNs: write a register, or change
-    how it debugs (step, continue to breakpoints, stop debugging)."""
+def vmm_action(rnd: random.Random, n_insns: int, base: int, irq: bool = False) -> Event:
+    """What a debugger does between two KVM_RUNs: write a register, change
+    how it debugs (step, continue to breakpoints, stop debugging), or (with
+    `irq`, a guest with vectors) drive the vCPU's interrupt lines."""
     when = rnd.choice(("stop", "stop", "stop", "mmio-exit", "hypercall-exit", "eintr", "start"))
     at = 0 if when == "start" else rnd.randint(1, 4)
     code = lambda: base + 4 * rnd.randrange(n_insns + 1)     # noqa: E731 (an address in the code)
+    if irq and rnd.random() < 0.5:
+        if when != "start":
+            at = rnd.randint(1, 8)
+        return Event(when, at, "irq-line", line=rnd.choice(IRQ_LINES[:1] * 3 + IRQ_LINES[1:]),
+                     level=int(rnd.random() < 0.6))
     r = rnd.random()
     if r < 0.4:
         q = rnd.random()
@@ -173,8 +224,9 @@ def vmm_action(rnd: random.Random, n_insns: int, base: int) -> Event:
     return Event(when, at, "debug", control=control, hw_bp=bps, sw_bp=control != "off" and rnd.random() < 0.3)
 
 
-def events(rnd: random.Random, n_insns: int, cfg: GenConfig = DEFAULT, base: int = CODE_BASE) -> tuple[Event, ...]:
-    return tuple(event(rnd, n_insns, base, cfg) for _ in range(rnd.randint(0, cfg.max_events)))
+def events(rnd: random.Random, n_insns: int, cfg: GenConfig = DEFAULT, base: int = CODE_BASE,
+           irq: bool = False) -> tuple[Event, ...]:
+    return tuple(event(rnd, n_insns, base, cfg, irq) for _ in range(rnd.randint(0, cfg.max_events)))
 
 
 def mmio_value(rnd: random.Random) -> int:
@@ -183,12 +235,19 @@ def mmio_value(rnd: random.Random) -> int:
 
 
 def generate(rnd: random.Random, cfg: GenConfig = DEFAULT) -> Case:
-    words = program(rnd, cfg)
+    with_vectors = rnd.random() < cfg.p_vectors
+    words = program(rnd, cfg, with_vectors)
     # sometimes start near the end of a page so the code crosses into the next
     base = CODE_BASE + (0x1000 - 4 * rnd.randint(1, 8) if rnd.random() < 0.15 else 0)
     forward = rnd.random() < cfg.p_forward
-    return Case(base=base, words=tuple(words), regs=registers(rnd), memory=memory(rnd),
-                mmio_read=mmio_value(rnd),
-                events=events(rnd, len(words), cfg, base), max_steps=cfg.max_steps, source="<generated>",
+    evs = events(rnd, len(words), cfg, base, irq=with_vectors)
+    mem = memory(rnd)
+    if any(e.what == "irq-line" for e in evs):
+        # KVM_IRQ_LINE drives the vCPU's own input only in a VM without the vGIC
+        mem = tuple(r for r in mem if r.kind != "mmio-kernel")
+    el1 = (("daif", rnd.choice((0x3C0, 0x340, 0x300))),) if with_vectors and rnd.random() < 0.5 else ()
+    return Case(base=base, words=tuple(words), regs=registers(rnd), memory=mem,
+                mmio_read=mmio_value(rnd), el1_regs=el1, vectors=vectors(rnd) if with_vectors else None,
+                events=evs, max_steps=cfg.max_steps, source="<generated>",
                 smccc_forward=(FORWARDED,) if forward else (),
                 hypercall_result=rnd.choice((0, 5, rnd.getrandbits(64))) if forward else 0)

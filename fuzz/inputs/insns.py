@@ -124,3 +124,52 @@ def smc(imm: int = 0) -> int:
 
 def brk(imm: int = 0) -> int:
     return 0xD4200000 | (_imm(imm, 16) << 5)
+
+
+def svc(imm: int = 0) -> int:
+    return 0xD4000001 | (_imm(imm, 16) << 5)
+
+
+def udf(imm: int = 0) -> int:
+    return imm & 0xFFFF
+
+
+def hlt(imm: int = 0) -> int:
+    return 0xD4400000 | (_imm(imm, 16) << 5)
+
+
+ERET = 0xD69F03E0
+FMOV_D0_X1 = 0x9E670020        # FP/SIMD: traps to the guest's EL1 while CPACR_EL1.FPEN = 0
+
+
+def msr_daif(set_: bool, mask: int) -> int:
+    """MSR DAIFSet/DAIFClr, #mask (D A I F = 8 4 2 1)."""
+    return 0xD50340DF | ((mask & 15) << 8) | ((not set_) << 5)
+
+
+# the EL1 exception registers, as (op0 op1 CRn CRm op2) in an MRS/MSR encoding
+ELR_EL1, SPSR_EL1, ESR_EL1 = (3, 0, 4, 0, 1), (3, 0, 4, 0, 0), (3, 0, 5, 2, 0)
+
+
+def mrs(rt: int, reg: tuple[int, int, int, int, int]) -> int:
+    op0, op1, crn, crm, op2 = reg
+    return 0xD5300000 | ((op0 & 1) << 19) | (op1 << 16) | (crn << 12) | (crm << 8) | (op2 << 5) | rt
+
+
+def msr(reg: tuple[int, int, int, int, int], rt: int) -> int:
+    return mrs(rt, reg) & ~(1 << 21)
+
+
+def lsr_imm(rd: int, rn: int, shift: int) -> int:
+    """LSR Xd, Xn, #shift (UBFM)."""
+    return 0xD340FC00 | (shift << 16) | (rn << 5) | rd
+
+
+def cmp_imm(rn: int, imm12: int) -> int:
+    return 0xF100001F | (imm12 << 10) | (rn << 5)
+
+
+def adr(rd: int, offset: int) -> int:
+    """ADR Xd, . + 4 * offset."""
+    imm = _imm(4 * offset, 21)
+    return 0x10000000 | ((imm & 3) << 29) | ((imm >> 2) << 5) | rd
