@@ -8,6 +8,14 @@ PC at the next instruction) and does not deliver it, so the hook re-arms
 PSTATE.SS and the guest goes on.  Only exit-free programs can be stepped this
 way (nothing here emulates MMIO, trapped registers or HVC); tests compare its
 stop PCs with the reference's.
+
+Programs with vectors may take exceptions to their EL1 and return with ERET.
+Unicorn reports an SVC (EXCP_SWI) or a UDF (EXCP_UDEF, with the PC on the
+instruction) and delivers neither (an FP trap it reports with the PC past the
+instruction, as a step: such programs cannot be stepped here): the hook enters the vector as
+the CPU would, clearing PSTATE.SS, and from there QEMU's state machine alone
+decides where the next step exception comes (active-pending: at the vector,
+before its first instruction) and what ERET does to the step.
 """
 from __future__ import annotations
 
@@ -15,10 +23,13 @@ from unicorn import UC_ARCH_ARM64, UC_HOOK_INTR, UC_MODE_ARM, Uc
 from unicorn import arm64_const as A
 
 from .case import Case
-from .guest import PSTATE_RESET, REG_IDS, el1_below_el2, program_bytes, write_sysreg
+from .guest import (DAIF, EL1_SYSREGS, PSTATE_EL1H, PSTATE_RESET, REG_IDS, VECTOR_OF, el1_below_el2,
+                    program_bytes, syndrome, write_sysreg)
+from .isa import InsnClass, decode
 
 PSTATE_SS = 1 << 21
 FAR_UNTIL = 0xFFFF_FFFF_FFFF_FFF0
+EXCP_UDEF, EXCP_SWI = 1, 2
 
 
 def arch_step_pcs(case: Case) -> list[int]:
@@ -28,23 +39,55 @@ def arch_step_pcs(case: Case) -> list[int]:
         if r.kind == "ram":
             uc.mem_map(r.base, r.size)
     uc.mem_write(case.base, program_bytes(case))
+    for addr, word in case.handler_words.items():
+        uc.mem_write(addr, word.to_bytes(4, "little"))
 
     el1_below_el2(uc)
     write_sysreg(uc, 3, 4, 1, 1, 1, 1 << 8)            # MDCR_EL2: TDE, debug target EL2
     uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET | PSTATE_SS)
+    write_sysreg(uc, 3, 0, 1, 0, 2, 0)                 # CPACR_EL1: FP traps, like a fresh vCPU
     write_sysreg(uc, 2, 0, 0, 2, 2, 1)                 # MDSCR_EL1: SS (also rebuilds hflags)
     for name, value in case.regs:
         uc.reg_write(REG_IDS[name], value)
+    for name, value in case.el1_regs:
+        if name == "daif":
+            uc.reg_write(A.UC_ARM64_REG_PSTATE, (PSTATE_RESET & ~DAIF) | value | PSTATE_SS)
+        else:
+            write_sysreg(uc, *EL1_SYSREGS[name], value)
+    write_sysreg(uc, 2, 0, 0, 2, 2, 1)
 
     pcs: list[int] = []
+    resumed = [case.base]           # where the guest went on after the last stop
+
+    def take(uc: Uc, pc: int, ret: int, which: str) -> None:
+        pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
+        uc.reg_write(A.UC_ARM64_REG_ELR_EL1, ret)
+        uc.reg_write(A.UC_ARM64_REG_ESR_EL1, syndrome(decode(case.code_word(pc if which != "svc" else pc - 4))))
+        write_sysreg(uc, *EL1_SYSREGS["spsr_el1"], pstate & ~PSTATE_SS)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, DAIF | PSTATE_EL1H)      # SS = 0: active-pending
+        write_sysreg(uc, 2, 0, 0, 2, 2, 1)                           # (rebuilds hflags)
+        uc.reg_write(A.UC_ARM64_REG_PC, case.vector(VECTOR_OF[which]))
+        resumed[0] = -1
 
     def on_step(uc: Uc, intno: int, _data) -> None:
         pc = uc.reg_read(A.UC_ARM64_REG_PC)
+        word = case.code_word(pc)
+        insn = decode(word) if word is not None else None
+        if intno == EXCP_SWI:                          # an SVC, PC past it
+            take(uc, pc, pc, "svc")
+            return
+        if (intno == EXCP_UDEF and insn is not None and insn.kind == InsnClass.GUEST_EXCEPTION
+                and insn.reason != "svc" and resumed[0] == pc):
+            take(uc, pc, pc, insn.reason)              # it did not retire (its step stop came first)
+            return
         pcs.append(pc)
+        resumed[0] = pc
         if pc == case.end or len(pcs) >= case.max_steps:
             uc.emu_stop()
             return
-        uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET | PSTATE_SS)
+        pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, pstate | PSTATE_SS)   # (DAIF and flags as the guest has them)
+        write_sysreg(uc, 2, 0, 0, 2, 2, 1)
 
     uc.hook_add(UC_HOOK_INTR, on_step)
     uc.emu_start(case.base, FAR_UNTIL)

@@ -26,7 +26,7 @@ from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_INSNS, MAX_RAM, PAGE, Case
-from .isa import B_SELF, EXCEPTIONS, MASK64, InsnClass, address, decode
+from .isa import B_SELF, EXCEPTIONS, MASK64, Insn, InsnClass, address, decode
 from .vocabulary import Meets, Outcome, SmcAbi
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM but the code pages
@@ -78,6 +78,12 @@ CPACR_EL1 = (3, 0, 1, 0, 2)
 DAIF = 0x3C0
 
 Write = tuple[int, str, int]      # (instructions completed, register, value): a write from outside the guest
+
+
+def syndrome(insn: Insn) -> int:
+    """ESR_EL1 of the exception a GUEST_EXCEPTION instruction takes."""
+    iss = insn.imm if insn.reason == "svc" else ISS_FP_TRAP if insn.reason == "fp" else 0
+    return (EXCEPTIONS[insn.reason].ec << 26) | ESR_IL | iss
 
 
 def hvc_result(func: int) -> int | None:
@@ -709,9 +715,7 @@ class Machine:
         if insn.kind == InsnClass.SMC:
             return self._smc(pc, insn.imm)
         if insn.kind == InsnClass.GUEST_EXCEPTION:
-            ec = EXCEPTIONS[insn.reason].ec
-            iss = insn.imm if insn.reason == "svc" else ISS_FP_TRAP if insn.reason == "fp" else 0
-            return self._take(pc, insn.reason, (ec << 26) | ESR_IL | iss)
+            return self._take(pc, insn.reason, syndrome(insn))
         if insn.kind == InsnClass.ERET:
             return self._eret(pc)
         self._ending(pc, Outcome.UNSUPPORTED, f"{insn.reason} is not modelled")

@@ -5,7 +5,11 @@ import random
 import pytest
 
 from conftest import CODE, CORPUS, make
-from stepfuzz.oracle.vocabulary import Outcome
+from stepfuzz.fuzz.inputs import generate as G
+from stepfuzz.fuzz.inputs import insns as I
+from stepfuzz.oracle.case import Case, Region, Vectors
+from stepfuzz.oracle.isa import InsnClass, decode
+from stepfuzz.oracle.vocabulary import Meets, Outcome
 from stepfuzz.oracle.archstep import arch_step_pcs
 from stepfuzz.oracle.case import load_case, parse_case
 from stepfuzz.oracle.guest import execute
@@ -175,3 +179,33 @@ def test_a_guest_running_free_past_its_bound_ends_alike_in_the_reference_and_the
     for r in check(case, select("all")):
         assert r.divergence is None, r.era.id
         assert (r.reference.outcome, r.model.outcome) == (Outcome.MAX_STEPS, Outcome.MAX_STEPS)
+
+
+def exception_program(rnd: random.Random) -> Case:
+    """Exit-free code that takes SVCs, UNDEFs and FP traps to handlers that
+    return past them, and ERETs with varied DAIF."""
+    words: list[int] = []
+    while len(words) < rnd.randint(6, 30):
+        r = rnd.random()
+        if r < 0.25:
+            # (not FP: Unicorn reports its trap with the PC past it, as it reports a step)
+            words += [I.udf(1) if w == I.FMOV_D0_X1 else w for w in G.exception_snippet(rnd)]
+        elif r < 0.35:
+            skip = G.alu(rnd)
+            words += [I.b(len(skip) + 1)] + skip
+        else:
+            words += G.alu(rnd)
+    handlers = (("sync", G.handler(rnd, "sync")[-8:], None),)     # (its exit-free tail: skip, ERET)
+    return Case(base=0x10000, words=tuple(words), memory=(Region(0x10000, 0x10000, "ram", True),),
+                vectors=Vectors(G.VBAR, handlers), el1_regs=(("daif", rnd.choice((0x3C0, 0x300))),),
+                max_steps=300)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_reference_matches_qemu_architectural_step_through_exceptions(seed):
+    case = exception_program(random.Random(seed))
+    log = execute(case)
+    assert log.outcome in (Outcome.END, Outcome.MAX_STEPS), log.detail
+    assert any(s.kind in (Meets.SVC, Meets.EXCEPTION) for s in log.specials.values()) or not any(
+        decode(w).kind == InsnClass.GUEST_EXCEPTION for w in case.words)
+    assert reference(log).pcs == arch_step_pcs(case)
