@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..case import DAIF_RESET, Case, Event
+from ..case import DAIF_RESET, VECTOR_SLOTS, Case, Event
 from ..guest import ExecLog
 from ..kvm.eras import Era
 from ..reference import reference
@@ -141,17 +141,26 @@ def encode(cases: list[tuple[int, Case]]) -> str:
         out += [f"reg {REG_INDEX[name]} {value:#x}" for name, value in c.regs]
         if c.daif() != DAIF_RESET:
             out.append(f"daif {c.daif():#x}")
+        out += [f"el1-reg {name} {value:#x}" for name, value in c.el1_regs if name != "daif"]
         out += [f"smccc {first:#x} {count}" for first, count in c.smccc_forward]
         if c.hypercall_result:
             out.append(f"hypercall-result {c.hypercall_result:#x}")
         out += [f"region {r.kind} {r.base:#x} {r.size:#x} {int(r.prefault)}" for r in c.memory]
+        if c.vectors is not None:
+            out.append(f"vectors {c.vectors.base:#x}")
+            for kind, words, _ in c.vectors.handlers:
+                out.append(f"handler {VECTOR_SLOTS[kind]:#x} {len(words)}")
+                out += _word_lines(words)
         out += [_event_line(e) for e in c.events if e.when in WHEN_WORD]
         out.append(f"words {len(c.words)}")
-        for i in range(0, len(c.words), 8):
-            out.append(" ".join(f"{w:#x}" for w in c.words[i:i + 8]))
+        out += _word_lines(c.words)
         out.append("go")
     out.append("end")
     return "\n".join(out) + "\n"
+
+
+def _word_lines(words: tuple[int, ...]) -> list[str]:
+    return [" ".join(f"{w:#x}" for w in words[i:i + 8]) for i in range(0, len(words), 8)]
 
 
 def _event_line(e: Event) -> str:
@@ -160,6 +169,8 @@ def _event_line(e: Event) -> str:
         line += f" {REG_INDEX[e.reg]} {e.value:#x}"
     elif e.what == "debug":
         line += f" {e.control} {len(e.hw_bp)}" + "".join(f" {a:#x}" for a in e.hw_bp)
+    elif e.what == "irq-line":
+        line += f" {e.line} {e.level}"
     return line
 
 

@@ -13,12 +13,16 @@
  *   reg INDEX VALUE                 (0..30 = x0..x30, 31 = sp_el1)
  *   region KIND BASE SIZE PREFAULT  (KIND: ram | mmio | mmio-kernel)
  *   daif VALUE                      (PSTATE.DAIF at the start)
+ *   el1-reg NAME VALUE              (NAME: elr_el1 | spsr_el1 | esr_el1 | far_el1, at the start)
+ *   vectors BASE                    (VBAR_EL1)
+ *   handler OFFSET COUNT W1 W2 ...  (a handler's words at BASE + OFFSET)
  *   smccc FIRST COUNT               (SMCCC function ids forwarded to the VMM)
  *   hypercall-result VALUE          (x0 after each KVM_EXIT_HYPERCALL)
  *   event WHEN N WHAT [ARGS]        (WHEN: start | mmio | stop | hypercall | eintr;
  *                                    WHAT: immediate-exit | signal | preempt |
  *                                    set-reg REG VALUE (0..30 x, 31 sp, 32 pc, 33 daif) |
- *                                    debug step|continue|off NBPS BP...)
+ *                                    debug step|continue|off NBPS BP... |
+ *                                    irq-line irq|fiq LEVEL)
  *   words COUNT W1 W2 ...
  *   go                              (run the case described since `case`)
  *   end
@@ -91,6 +95,37 @@ static int run_batch(const char *path)
 					(int)pre, NULL };
 		} else if (!strcmp(tok, "daif")) {
 			c.daif = number(f) & 0x3c0;
+			c.has_daif = 1;
+		} else if (!strcmp(tok, "el1-reg")) {
+			char name[16];
+			int i;
+			token(f, name, sizeof(name));
+			uint64_t value = number(f);
+			i = !strcmp(name, "elr_el1") ? EL1_ELR : !strcmp(name, "spsr_el1") ? EL1_SPSR :
+			    !strcmp(name, "esr_el1") ? EL1_ESR : !strcmp(name, "far_el1") ? EL1_FAR : -1;
+			if (i < 0) {
+				out("fatal unknown EL1 register '%s'", name);
+				flush_out();
+				fclose(f);
+				return 2;
+			}
+			c.el1[i] = value;
+			c.el1_set |= 1u << i;
+		} else if (!strcmp(tok, "vectors")) {
+			c.has_vectors = 1;
+			c.vbar = number(f);
+		} else if (!strcmp(tok, "handler")) {
+			uint64_t offset = number(f), n = number(f);
+			struct handler *h = c.nhandlers < MAX_HANDLERS ? &c.handler[c.nhandlers++] : NULL;
+			if (h) {
+				h->offset = offset;
+				h->nwords = 0;
+			}
+			for (uint64_t i = 0; i < n; i++) {
+				uint32_t w = (uint32_t)number(f);
+				if (h && h->nwords < MAX_HANDLER_WORDS)
+					h->words[h->nwords++] = w;
+			}
 		} else if (!strcmp(tok, "smccc")) {
 			uint64_t first = number(f), count = number(f);
 			if (c.nsmccc < MAX_SMCCC) {
@@ -125,6 +160,12 @@ static int run_batch(const char *path)
 				}
 				if (e.nbps > MAX_HW_BPS - 1)
 					e.nbps = MAX_HW_BPS - 1;      /* one is the VMM's own (continue) */
+			} else if (!strcmp(what, "irq-line")) {
+				char line[8];
+				e.what = DO_IRQ_LINE;
+				token(f, line, sizeof(line));
+				e.line = !strcmp(line, "fiq") ? LINE_FIQ : LINE_IRQ;
+				e.level = number(f) ? 1 : 0;
 			} else {
 				e.what = !strcmp(what, "immediate-exit") ? DO_IMMEDIATE : !strcmp(what, "signal") ? DO_SIGNAL : DO_PREEMPT;
 			}

@@ -13,7 +13,8 @@
 
 enum { EV_MMIO, EV_STOP, EV_START, EV_HYPERCALL, EV_EINTR };   /* an event comes after the Nth ... */
 enum { DO_IMMEDIATE = 1, DO_SIGNAL = 2, DO_PREEMPT = 4,         /* ... and does these (a mask) */
-       DO_SET_REG = 8, DO_DEBUG = 16 };                         /* (these two carry arguments) */
+       DO_SET_REG = 8, DO_DEBUG = 16, DO_IRQ_LINE = 32 };       /* (these three carry arguments) */
+enum { LINE_IRQ, LINE_FIQ };                                    /* DO_IRQ_LINE: the vCPU's input */
 enum { DEBUG_STEP, DEBUG_CONTINUE, DEBUG_OFF };                 /* KVM_SET_GUEST_DEBUG controls */
 #define MAX_HW_BPS 4
 #define MAX_SMCCC 32

@@ -44,6 +44,11 @@
 #define SCRATCH_TABLE 0x1000ULL      /* offset of the page table list in the scratch slot */
 #define DBGBCR_EXEC_EL1_ALL 0x1fe3ULL /* enabled, EL1, all byte lanes (the selftest's value) */
 #define EC_SOFTSTP_LOW 0x32
+#define MAX_HANDLERS 4               /* sync, irq, fiq, serror (from EL1 with SP_EL1) */
+#define MAX_HANDLER_WORDS 32         /* oracle/case.py VECTOR_MAX_INSNS */
+#define REG_VBAR_EL1 ARM64_SYS_REG(3, 0, 12, 0, 0)
+#define REG_ESR_EL1 ARM64_SYS_REG(3, 0, 5, 2, 0)
+#define REG_FAR_EL1 ARM64_SYS_REG(3, 0, 6, 0, 0)
 
 /* Newer than some UAPI headers here: the SMCCC filter (v6.4). */
 #ifndef KVM_ARM_VM_SMCCC_CTRL
@@ -61,13 +66,25 @@ struct event {
 	int when; uint64_t n; int what;
 	int reg; uint64_t value;                       /* DO_SET_REG */
 	int control, nbps; uint64_t bps[MAX_HW_BPS];   /* DO_DEBUG */
+	int line, level;                               /* DO_IRQ_LINE */
 };
+/* One exception handler: its words at VBAR_EL1 + offset. */
+struct handler { uint64_t offset; int nwords; uint32_t words[MAX_HANDLER_WORDS]; };
+/* EL1 exception registers a case may start with (bit i of casedef.el1_set). */
+enum { EL1_ELR, EL1_SPSR, EL1_ESR, EL1_FAR, NUM_EL1 };
 
 struct casedef {
 	long id;
 	uint64_t base, max_steps, timeout_ms, mmio_read;
 	uint64_t regs[32];
 	uint64_t daif, hypercall_result;
+	int has_daif;                  /* else DAIF starts all masked, as a vCPU resets */
+	uint64_t el1[NUM_EL1];
+	unsigned el1_set;
+	int has_vectors;               /* VBAR_EL1 = vbar, and the handlers below */
+	uint64_t vbar;
+	struct handler handler[MAX_HANDLERS];
+	int nhandlers;
 	uint64_t smccc[MAX_SMCCC][2];
 	int nsmccc;
 	struct region reg[MAX_REGIONS];
@@ -289,6 +306,30 @@ static int setup_fail(const struct casedef *c, struct vm *v, const char *what)
 	return -1;
 }
 
+/* Is `pc` one of a handler's words (its first to its last)? */
+static int in_handler(const struct casedef *c, uint64_t pc)
+{
+	for (int i = 0; c->has_vectors && i < c->nhandlers; i++) {
+		uint64_t first = c->vbar + c->handler[i].offset;
+		if (pc >= first && pc < first + 4ULL * (uint64_t)c->handler[i].nwords)
+			return 1;
+	}
+	return 0;
+}
+
+/* Will the page at `page` hold code (the case's, its `b .`, or a handler's)? */
+static int exec_page(const struct casedef *c, uint64_t page, uint64_t end_code)
+{
+	if (page + PAGE > c->base && page < end_code + 4)
+		return 1;
+	for (int i = 0; c->has_vectors && i < c->nhandlers; i++) {
+		uint64_t first = c->vbar + c->handler[i].offset;
+		if (page + PAGE > first && page < first + 4ULL * (uint64_t)c->handler[i].nwords)
+			return 1;
+	}
+	return 0;
+}
+
 /* Run the prefault prologue: map every prefaulted page at stage 2, from
  * inside the guest, before stepping is turned on.  Its exits are not reported. */
 static int prefault(const struct casedef *c, struct vm *v, struct span *taken, int *ntaken, uint64_t end_code)
@@ -324,7 +365,7 @@ static int prefault(const struct casedef *c, struct vm *v, struct span *taken, i
 			continue;
 		for (uint64_t off = 0; off < r->size; off += PAGE) {
 			uint64_t page = r->base + off;
-			int exec = page + PAGE > c->base && page < end_code + 4;
+			int exec = exec_page(c, page, end_code);
 			uint32_t *w = (uint32_t *)((uint8_t *)r->host + off);
 			for (unsigned k = 0; k < PAGE / 4; k++)
 				w[k] = INSN_RET;
@@ -452,6 +493,17 @@ static int set_guest_debug(int vcpu, const struct event *e, uint64_t end_code)
 	return ioctl(vcpu, KVM_SET_GUEST_DEBUG, &dbg);
 }
 
+/* The vCPU's own IRQ or FIQ input (no in-kernel irqchip: HCR_EL2.VI / VF). */
+static int irq_line(int vm, int line, int level)
+{
+	struct kvm_irq_level irq = {
+		.irq = (KVM_ARM_IRQ_TYPE_CPU << KVM_ARM_IRQ_TYPE_SHIFT) | (0 << KVM_ARM_IRQ_VCPU_SHIFT) |
+		       (line == LINE_FIQ ? KVM_ARM_IRQ_CPU_FIQ : KVM_ARM_IRQ_CPU_IRQ),
+		.level = (uint32_t)level,
+	};
+	return ioctl(vm, KVM_IRQ_LINE, &irq);
+}
+
 static int set_one(int vcpu, int reg, uint64_t value)
 {
 	if (reg < 31)
@@ -492,6 +544,8 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			flags |= e->what & (DO_IMMEDIATE | DO_SIGNAL | DO_PREEMPT);
 			if (e->what == DO_DEBUG && set_guest_debug(v->vcpu, e, end_code) < 0)
 				return setup_fail(c, v, "KVM_SET_GUEST_DEBUG");
+			if (e->what == DO_IRQ_LINE && irq_line(v->vm, e->line, e->level) < 0)
+				return setup_fail(c, v, e->line == LINE_FIQ ? "KVM_IRQ_LINE (fiq)" : "KVM_IRQ_LINE (irq)");
 			if (e->what != DO_SET_REG)
 				continue;
 			if (mmio_open) {
@@ -551,7 +605,7 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			nstops++;
 			if (pc == end_code)
 				return end_case(c, v, ENDED_END, ""), 0;
-			if (pc < c->base || pc > end_code)
+			if ((pc < c->base || pc > end_code) && !in_handler(c, pc))
 				return end_case(c, v, ENDED_LEFT_CODE, ""), 0;
 			if (nstops >= c->max_steps)
 				return end_case(c, v, ENDED_MAX_STEPS, ""), 0;
@@ -597,6 +651,58 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 		}
 		}
 	}
+}
+
+/* Guest instructions into guest memory, one 32-bit store each.  Not memcpy:
+ * under QEMU 7.2's TCG, glibc's memcpy (its SVE variant, on QEMU's `max` CPU)
+ * did not drop the translations of the words a page held before, and a later
+ * VM that got the page ran those instead (docs/real-kvm.md). */
+static void put_words(uint32_t *to, const uint32_t *words, int n)
+{
+	volatile uint32_t *w = to;
+
+	for (int i = 0; i < n; i++)
+		w[i] = words[i];
+}
+
+/* The handlers' words, each in the ram region that holds it (after the
+ * prefault prologue, like the code), with an I-cache sync. */
+static int write_handlers(const struct casedef *c, struct vm *v)
+{
+	for (int i = 0; c->has_vectors && i < c->nhandlers; i++) {
+		const struct handler *h = &c->handler[i];
+		uint64_t first = c->vbar + h->offset, last = first + 4ULL * (uint64_t)h->nwords;
+		const struct region *r = NULL;
+		for (int k = 0; k < c->nreg && !r; k++)
+			if (c->reg[k].kind == R_RAM && first >= c->reg[k].base && last <= c->reg[k].base + c->reg[k].size)
+				r = &c->reg[k];
+		if (!r || (first & 3)) {
+			char detail[96];
+			snprintf(detail, sizeof(detail), "the handler at %#llx is not inside one ram region",
+				 (unsigned long long)first);
+			return end_case(c, v, ENDED_UNSUPPORTED, detail), -1;
+		}
+		uint8_t *at = (uint8_t *)r->host + (first - r->base);
+		put_words((uint32_t *)at, h->words, h->nwords);
+		__builtin___clear_cache((char *)at, (char *)at + 4 * h->nwords);
+	}
+	return 0;
+}
+
+/* VBAR_EL1 and the EL1 exception registers the case starts with. */
+static int set_el1_regs(const struct casedef *c, struct vm *v)
+{
+	static const char *const what[NUM_EL1] = {
+		"KVM_SET_ONE_REG (elr_el1)", "KVM_SET_ONE_REG (spsr_el1)",
+		"KVM_SET_ONE_REG (esr_el1)", "KVM_SET_ONE_REG (far_el1)" };
+	const uint64_t id[NUM_EL1] = { REG_ELR_EL1, REG_SPSR_EL1, REG_ESR_EL1, REG_FAR_EL1 };
+
+	if (c->has_vectors && set_reg(v->vcpu, REG_VBAR_EL1, c->vbar) < 0)
+		return setup_fail(c, v, "KVM_SET_ONE_REG (vbar_el1)");
+	for (int i = 0; i < NUM_EL1; i++)
+		if ((c->el1_set >> i & 1) && set_reg(v->vcpu, id[i], c->el1[i]) < 0)
+			return setup_fail(c, v, what[i]);
+	return 0;
 }
 
 static void run_case(struct casedef *c)
@@ -698,9 +804,11 @@ static void run_case(struct casedef *c)
 		goto out;
 
 	uint32_t *code = (uint32_t *)((uint8_t *)home->host + (c->base - home->base));
-	memcpy(code, c->words, 4 * (size_t)c->nwords);
+	put_words(code, c->words, c->nwords);
 	code[c->nwords] = INSN_B_SELF;
 	__builtin___clear_cache((char *)code, (char *)(code + c->nwords + 1));
+	if (write_handlers(c, &v) < 0)
+		goto out;
 
 	for (int i = 0; i < 31; i++)
 		if (set_reg(v.vcpu, REG_X(i), c->regs[i]) < 0) {
@@ -709,10 +817,12 @@ static void run_case(struct casedef *c)
 		}
 	if (set_reg(v.vcpu, REG_SP_EL0, 0) < 0 || set_reg(v.vcpu, REG_SP_EL1, c->regs[31]) < 0 ||
 	    set_reg(v.vcpu, REG_PC, c->base) < 0 ||
-	    set_reg(v.vcpu, REG_PSTATE, (PSTATE_EL1H_DAIF & ~0x3c0ULL) | c->daif) < 0) {
+	    set_reg(v.vcpu, REG_PSTATE, c->has_daif ? (PSTATE_EL1H_DAIF & ~0x3c0ULL) | c->daif : PSTATE_EL1H_DAIF) < 0) {
 		setup_fail(c, &v, "KVM_SET_ONE_REG");
 		goto out;
 	}
+	if (set_el1_regs(c, &v) < 0)
+		goto out;
 	struct kvm_guest_debug dbg;
 	memset(&dbg, 0, sizeof(dbg));
 	dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
