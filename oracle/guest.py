@@ -354,12 +354,28 @@ class Machine:
         # nothing else may be executed.
         if (access == WRITE and code_page) or (access == FETCH and not code_page):
             return self._refuse(vaddr, access)
-        if not prefault and page not in self.touched:
-            self.touched.add(page)     # first touch: KVM takes a stage-2 fault
-            self._fault_at(self.retired if access == FETCH else self._index(), access)
+        perms = RX
+        if not prefault and page not in self.executable:
+            if access == FETCH and self.regs[A.UC_ARM64_REG_PC] & ~(PAGE - 1) != page:
+                # Unicorn looking up an exit on a page the guest has not run
+                # yet: no touch, and the entry is dropped after this run
+                self.probed = True
+            elif access == FETCH:
+                # the first fetch: a stage-2 fault, unless it is mapped and
+                # executable.  KVM maps a page executable only on an
+                # instruction fault, on a CPU without CTR_EL0.DIC (QEMU's
+                # `max`, the Cortex-A72): a page read first faults again.
+                self.touched.add(page)
+                self.executable.add(page)
+                self._fault_at(self.retired, access)
+            else:
+                if page not in self.touched:
+                    self.touched.add(page)     # first touch: KVM takes a stage-2 fault
+                    self._fault_at(self._index(), access)
+                perms = ucc.UC_PROT_READ       # (so that a fetch from it fills again)
         if code_page:
             entry.paddr = self._code_phys(vaddr & ~(SUBPAGE - 1))
-            entry.perms = RX
+            entry.perms = perms
             return True
         sub = ARENA + off + ((vaddr - base) & ~(SUBPAGE - 1))
         if access == WRITE:
@@ -555,7 +571,9 @@ class Machine:
             self._el1_regs(case)
         self.lines: dict[str, int] = {}       # interrupt lines the VMM drives (KVM_IRQ_LINE)
         self.smc_abi = smc_abi
-        self.touched: set[int] = set()
+        self.touched: set[int] = set()        # pages mapped at stage 2 ...
+        self.executable: set[int] = set()     # ... and of them, mapped executable
+        self.probed = False
         self.faults: dict[int, list[str]] = {}
         self.specials: dict[int, Special] = {}
         self.segments: list[list[int]] = []
@@ -621,14 +639,18 @@ class Machine:
             finally:
                 if count > 0:
                     self.regs.flush_tb()
+                if self.probed:
+                    self.probed = False
+                    self.regs.flush_tlb()
         return self._log(case, writes, want_regs)
 
     def _fetched(self, pc: int) -> None:
         """The instruction at `pc` is fetched outside Unicorn: its first touch
         of a page still takes the stage-2 fault the TLB hook would record."""
         page = pc & ~(PAGE - 1)
-        if page not in self.touched and not any(b <= pc < e and pre for b, e, _, pre in self.ram):
+        if page not in self.executable and not any(b <= pc < e and pre for b, e, _, pre in self.ram):
             self.touched.add(page)
+            self.executable.add(page)
             self._fault_at(self.retired, FETCH)
 
     def _apply(self, writes: list[tuple[str, int]], pc: int) -> int:

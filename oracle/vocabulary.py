@@ -110,6 +110,22 @@ class Trap(StrEnum):
     STAGE2_DATA = "stage2-data"
 
 
+# A stop's record (Stop.why) notes where the hardware model chose an order:
+# an interrupt pending and unmasked at an entry whose step is already due
+# (active-pending).  The model takes the step first, as the reference does;
+# QEMU's TCG takes the interrupt first (it checks interrupts before it runs a
+# translation, and raises that step exception inside one), so a real kernel
+# under TCG cannot show what a CPU does there.
+IRQ_WITH_STEP_DUE = "irq-with-step-due"
+# ... and where a step is due at an entry whose next fetch takes a stage-2
+# fault: the architecture gives the step priority over the instruction abort
+# (as the model does); QEMU's TCG looks the instruction up first, so the
+# fault reaches KVM with the step still due (an exception entry's step, on a
+# vector page not mapped executable yet).
+FETCH_FAULT_WITH_STEP_DUE = "fetch-fault-with-step-due"
+TCG_ORDERS = {IRQ_WITH_STEP_DUE: "an interrupt", FETCH_FAULT_WITH_STEP_DUE: "a stage-2 fault on the next fetch"}
+
+
 class Completion(StrEnum):
     """Markers in a stop's record of what happened (Stop.why): where an
     instruction completed, and how.  Everything else in that record is a trap

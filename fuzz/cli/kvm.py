@@ -136,7 +136,7 @@ def cmd_kvm_check(args: argparse.Namespace) -> int:
             print(json.dumps(_comparison_json(row, name, era.id)))
         else:
             _print_comparison(row, name, era.id)
-    counts = {s: sum(r.status == s for r in rows) for s in ("identical", "differs", "error", "not-compared")}
+    counts = {s: sum(r.status == s for r in rows) for s in ("identical", "differs", "model-only", "error", "not-compared")}
     out = sys.stderr if args.json else sys.stdout
     if counts["not-compared"] and not args.json:
         print("not compared:")
@@ -146,6 +146,8 @@ def cmd_kvm_check(args: argparse.Namespace) -> int:
     same, differ = counts["identical"], counts["differs"]
     print(f"{same}/{same + differ} cases identical stop for stop ({kernel_text(kernel)} vs era {era.id})"
           + (f", {differ} differ" if differ else "")
+          + (f", {counts['model-only']} model-only (QEMU TCG cannot show the hardware's order)"
+             if counts["model-only"] else "")
           + (f", {counts['not-compared']} not compared" if counts["not-compared"] else "")
           + (f", {counts['error']} failed to run" if counts["error"] else ""), file=out)
     print(run_stats_text(stats, len(rows)), file=out)
@@ -163,7 +165,8 @@ def _comparison_json(row, kernel: str, era: str) -> dict:
                 "real": real_trace_json(row.real, kernel)}
     model, d = row.model, row.difference
     return {"case": row.source, "kernel": kernel, "era": era, "status": status,
-            "difference": None if d is None else {"stop": d.stop, "what": d.what},
+            "difference": None if d is None else {"stop": d.stop, "what": d.what,
+                                                  **({"tcg_limit": d.tcg_limit} if d.tcg_limit else {})},
             "model": {"stops": [stop_json(s) for s in model.stops], "end": model.outcome,
                       "exits": exits_json(numbered_exits(model.stops, model.tail))},
             "real": real_trace_json(row.real, kernel)}

@@ -204,7 +204,8 @@ def real_trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> 
 
 
 def model_vs_real_table(case, path: str, model: Trace, real: RealTrace, d, kernel: str, era: str) -> str:
-    lines = [f"{path}  DIFFERS on {kernel} vs era {era} at stop {d.stop + 1}: {d.what}",
+    head = f"MODEL-ONLY ({d.tcg_limit})" if d.tcg_limit else "DIFFERS"
+    lines = [f"{path}  {head} on {kernel} vs era {era} at stop {d.stop + 1}: {d.what}",
              f"  {'stop':>4}  {'model pc':<12} {'isv':>3}   {'real pc':<12} {'isv':>3}  exits before the stop"]
     n = max(len(model.stops), len(real.stops))
     last = -1

@@ -29,7 +29,7 @@ from ..case import Case
 from ..guest import BUDGET_SLACK, Access, ExecLog, Special
 from ..isa import decode
 from ..trace import HSR_BREAKPOINT, HSR_EX, HSR_NOT_STEPPED, HSR_STEPPED, hsr_brk
-from ..vocabulary import Completion, HwExitKind, Meets, Outcome, Trap
+from ..vocabulary import FETCH_FAULT_WITH_STEP_DUE, IRQ_WITH_STEP_DUE, Completion, HwExitKind, Meets, Outcome, Trap
 
 _NATIVE = Special()
 
@@ -81,6 +81,7 @@ class GuestHw:
             # schedule says the interrupt wins).  SPSR.SS keeps PSTATE.SS.
             return self._irq()
         if not self.ss:
+            self._tcg_order()
             return _step_exit(self.idx - 1, HSR_NOT_STEPPED)
         exit = self._attempt()
         if exit is not None:
@@ -140,6 +141,7 @@ class GuestHw:
             self._retire(Completion.NATIVE if kind == Meets.SVC else Completion.TAKEN, kind == Meets.SVC)
             if self.stepping:
                 self.ss = False
+                self._tcg_order()
                 return _step_exit(idx, HSR_NOT_STEPPED)
             return None
         if kind in (Meets.SMC, Meets.SMC_FORWARDED):
@@ -155,6 +157,15 @@ class GuestHw:
                 return self._unmodelled(idx, "a BRK with debug off is the guest's own exception")
             return HwExit(HwExitKind.BRK, idx, hsr_brk(decode(self.case.word_at(self.pc)).imm))
         return HwExit(HwExitKind.ENDING, idx, detail=kind)
+
+    def _tcg_order(self) -> None:
+        """A step is due: note what QEMU's TCG would take first (vocabulary.TCG_ORDERS)."""
+        special = self.log.specials.get(self.idx)
+        if special is not None:
+            if special.kind == Meets.EXCEPTION and special.detail in ("irq", "fiq"):
+                self.why.append(IRQ_WITH_STEP_DUE)
+            elif special.faults[self.attempts:self.attempts + 1] == ("fetch",):
+                self.why.append(FETCH_FAULT_WITH_STEP_DUE)
 
     def _unmodelled(self, idx: int, why: str) -> HwExit:
         self.note = f"{why} (not modelled yet)"
@@ -214,10 +225,11 @@ class GuestHw:
         # Off the ideal path: the guest goes on from the new PC.
         self.log = self.log.again((self.idx, "pc", self.pc))
 
-    def write(self, reg: str, value: int) -> None:
+    def write(self, reg: str, value: int, pending: bool = False) -> None:
         """A register written from outside (KVM_SET_ONE_REG, or KVM itself):
-        the guest goes on from here with it."""
-        done = self.idx + 1 if self.completed else self.idx
+        the guest goes on from here with it (`pending`: after the trapped
+        instruction at PC, which KVM completes on the next KVM_RUN)."""
+        done = self.idx + 1 if self.completed or pending else self.idx
         if reg == "pc":
             self.pc = value
             self.attempts = 0

@@ -57,8 +57,9 @@ class Kvm:
     def set_irq_line(self, line: str, level: int) -> None:
         """KVM_IRQ_LINE of the vCPU's own input (no vGIC): vcpu_interrupt_line()
         sets or clears HCR_EL2.VI/VF, which the hardware sees from the next
-        entry on; nothing else of the step state changes."""
-        self.hw.write(line, level)
+        entry on; nothing else of the step state changes.  An MMIO exit
+        still open completes before that entry."""
+        self.hw.write(line, level, pending=self.mmio_needed)
 
     # ------------------------------------------------------------ KVM_RUN
 

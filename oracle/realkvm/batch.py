@@ -19,7 +19,7 @@ from ..reference import reference
 from ..run import not_reproducible
 from ..conversation import NOT_MODELLED
 from ..trace import Exit, Stop, Trace, mmio_exit, numbered_exits
-from ..vocabulary import ExitKind, Outcome
+from ..vocabulary import TCG_ORDERS, ExitKind, Meets, Outcome
 
 CASE_TIMEOUT_BASE_MS = 5000     # per case: setup, prefault and slack under nested TCG
 CASE_TIMEOUT_PER_STEP_MS = 4    # plus this per allowed step
@@ -284,9 +284,11 @@ def infer_steps(trace: RealTrace, log: ExecLog) -> None:
     position on; the steps are the positions advanced.  A stop with ISV=1
     stepped an instruction, so its search starts one further (this keeps a
     branch-to-self at 1 step).  A PC off the path gets -1 and leaves the
-    position where it was.
+    position where it was.  An exception the guest took without retiring
+    the instruction (a position of the path) is no step.
     """
     pcs = log.pcs
+    taken = {i for i, s in log.specials.items() if s.kind == Meets.EXCEPTION}
     pos = 0
     stops = []
     for s in trace.stops:
@@ -297,7 +299,7 @@ def infer_steps(trace: RealTrace, log: ExecLog) -> None:
         if found is None:
             stops.append(s._replace(steps=-1))
         else:
-            stops.append(s._replace(steps=found - pos))
+            stops.append(s._replace(steps=found - pos - sum(1 for i in taken if pos <= i < found)))
             pos = found
     trace.stops = stops
 
@@ -312,6 +314,26 @@ MODEL_END_AS_REAL = {Outcome.END: "end", Outcome.NO_SYNDROME: "error:ENOSYS", Ou
 class Difference:
     stop: int                 # index of the first stop that differs (len(stops) for the ending)
     what: str
+    tcg_limit: str = ""       # why QEMU's TCG cannot show what hardware does from that stop on ("" if it can)
+
+
+def tcg_order(what: str) -> str:
+    return (f"from here the model takes a due step before {what}; QEMU's TCG takes {what} first, "
+            "so it cannot show what a CPU does")
+
+
+def difference(model: Trace, real: RealTrace) -> Difference | None:
+    """None when the real kernel showed what the model predicts, stop for
+    stop.  A difference from a stop on which the model chose an order QEMU's
+    TCG resolves otherwise is marked as such: model-only, not a kernel fact."""
+    d = _first_difference(model, real)
+    if d is None:
+        return None
+    for i, s in enumerate(model.stops[:d.stop + 1]):
+        race = next((w for w in s.why if w in TCG_ORDERS), None)
+        if race is not None:
+            return Difference(d.stop, d.what, tcg_order(TCG_ORDERS[race]))
+    return d
 
 
 def exit_key(e: Exit) -> tuple:
@@ -335,8 +357,7 @@ def _exits_differ(model: tuple[Exit, ...], real: tuple[Exit, ...]) -> str:
     return ""
 
 
-def difference(model: Trace, real: RealTrace) -> Difference | None:
-    """None when the real kernel showed what the model predicts, stop for stop."""
+def _first_difference(model: Trace, real: RealTrace) -> Difference | None:
     mstops, rstops = model.stops, real.stops
     capped = model.outcome == Outcome.MAX_STEPS          # the model stopped counting: compare its stops only
     for i, (m, r) in enumerate(zip(mstops, rstops)):

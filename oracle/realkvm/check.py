@@ -16,9 +16,10 @@ from .vm import BOOT_TIMEOUT, RunStats, run_cases
 
 @dataclass(frozen=True)
 class Comparison:
-    """One case on a real kernel.  `status` is identical, differs, error (the
-    run produced no kernel result) or not-compared (the case cannot be
-    reproduced there; `real.detail` says why)."""
+    """One case on a real kernel.  `status` is identical, differs, model-only
+    (it differs where QEMU's TCG cannot show what hardware does: the
+    difference says why), error (the run produced no kernel result) or
+    not-compared (the case cannot be reproduced there; `real.detail` says why)."""
     source: str
     case: Case
     real: RealTrace
@@ -35,7 +36,9 @@ class Comparison:
             return "not-compared"
         if self.real.failed:
             return "error"
-        return "identical" if self.difference is None else "differs"
+        if self.difference is None:
+            return "identical"
+        return "model-only" if self.difference.tcg_limit else "differs"
 
 
 def compare_on_kernel(cases: list[tuple[str, Case]], kernel: Kernel | None, era: Era,
