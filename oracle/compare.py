@@ -86,7 +86,10 @@ def _cause(why: tuple[str, ...]) -> str:
     return "+".join(sorted(set(tokens))) or "plain"
 
 
-def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -> Divergence | None:
+def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None,
+            ref_log: ExecLog | None = None) -> Divergence | None:
+    """The first way `model` (over `log`) differs from the reference (over
+    `ref_log`, when the era emulates differently from the architecture)."""
     first_skip = min(i for i, _ in model.skipped) if model.skipped else None
     stops = model.stops
     for i in range(model.agreed, min(len(ref.pcs), len(stops))):
@@ -118,8 +121,9 @@ def compare(ref: RefTrace, model: Trace, era: str, log: ExecLog | None = None) -
     if model.outcome != ref.outcome:
         return Divergence(era, DivergenceKind.OUTCOME, n, f"{ref.outcome}-vs-{model.outcome}", None, None,
                           detail=model.detail)
-    if (model.final_regs is not None or ref.final_regs is not None) and log is not None:
-        want = ref.final_regs or log.final_regs()
+    ref_log = ref_log or log
+    if (model.final_regs is not None or ref.final_regs is not None or ref_log is not log) and log is not None:
+        want = ref.final_regs or ref_log.final_regs()
         got = model.final_regs or log.final_regs()
         if got == want:
             return None

@@ -80,6 +80,21 @@ DAIF = 0x3C0
 Write = tuple[int, str, int]      # (instructions completed, register, value): a write from outside the guest
 
 
+@dataclass(frozen=True, slots=True)
+class Emulation:
+    """How the kernel emulates what the guest CPU emulates for it, where
+    kernels differ (each era's, eras.Era.emulation; the reference's is the
+    architecture's where a kernel was simply wrong)."""
+    smc_abi: str = SmcAbi.SMCCC       # handle_smc(): SmcAbi
+    # kvm_handle_mmio_return(): a sign-extending load keeps its sign bits.
+    # Before v7.2 (85f56708a443) vcpu_data_host_to_guest() cut the value back
+    # to the access size after the extension: a zero-extended load.
+    mmio_sign_extend: bool = True
+
+
+IDEAL = Emulation()
+
+
 def syndrome(insn: Insn) -> int:
     """ESR_EL1 of the exception a GUEST_EXCEPTION instruction takes."""
     iss = insn.imm if insn.reason == "svc" else ISS_FP_TRAP if insn.reason == "fp" else 0
@@ -124,7 +139,7 @@ class ExecLog:
     outcome: str                      # an Outcome
     detail: str = ""
     writes: tuple[Write, ...] = ()    # register writes from outside the guest ("pc": where it goes on)
-    smc_abi: str = SmcAbi.SMCCC
+    emulation: Emulation = IDEAL
     _regs: dict[str, int] | None = field(default=None, repr=False)
 
     @cached_property
@@ -141,20 +156,20 @@ class ExecLog:
     def final_regs(self) -> dict[str, int]:
         """x0-x30 and sp when the run ended (re-executes the case: rarely needed)."""
         if self._regs is None:
-            self._regs = machine().run(self.case, self.writes, self.smc_abi, want_regs=True)._regs
+            self._regs = machine().run(self.case, self.writes, self.emulation, want_regs=True)._regs
         return self._regs
 
     def again(self, *writes: Write) -> "ExecLog":
         """The same execution with more writes from outside: where a VMM or a
         kernel changes the guest's registers, or a model takes the guest off
         its ideal path."""
-        return machine().run(self.case, self.writes + writes, self.smc_abi)
+        return machine().run(self.case, self.writes + writes, self.emulation)
 
 
-def execute(case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SmcAbi.SMCCC) -> ExecLog:
+def execute(case: Case, writes: tuple[Write, ...] = (), emulation: Emulation = IDEAL) -> ExecLog:
     """Run `case` in its ideal order.  Each write (i, reg, value) sets `reg`
     once i instructions have completed (`pc`: execution goes on there)."""
-    return machine().run(case, writes, smc_abi)
+    return machine().run(case, writes, emulation)
 
 
 def forget_code() -> None:
@@ -361,13 +376,13 @@ class Machine:
                 # yet: no touch, and the entry is dropped after this run
                 self.probed = True
             elif access == FETCH:
-                # the first fetch: a stage-2 fault, unless it is mapped and
-                # executable.  KVM maps a page executable only on an
-                # instruction fault, on a CPU without CTR_EL0.DIC (QEMU's
-                # `max`, the Cortex-A72): a page read first faults again.
+                # the first fetch: a stage-2 fault.  KVM maps a page
+                # executable only on an instruction fault, on a CPU without
+                # CTR_EL0.DIC (QEMU's `max`, the Cortex-A72): a page read
+                # first faults again ("exec"; eras.FEATURES "stage2-xn")
+                self._fault_at(self.retired, access, "exec" if page in self.touched else "fetch")
                 self.touched.add(page)
                 self.executable.add(page)
-                self._fault_at(self.retired, access)
             else:
                 if page not in self.touched:
                     self.touched.add(page)     # first touch: KVM takes a stage-2 fault
@@ -378,10 +393,16 @@ class Machine:
             entry.perms = perms
             return True
         sub = ARENA + off + ((vaddr - base) & ~(SUBPAGE - 1))
+        entry.paddr = sub
         if access == WRITE:
             self.dirty.add(sub)
-        entry.paddr = sub
-        entry.perms = RW
+            entry.perms = RW
+        else:
+            # read-only until written: the first store fills again, so the
+            # subpage is known dirty and zeroed before the next run (a store
+            # through an entry a load made was missed, and the next run of
+            # the case read what this one wrote)
+            entry.perms = ucc.UC_PROT_READ
         return True
 
     def _refuse(self, vaddr: int, access: int) -> bool:
@@ -533,8 +554,8 @@ class Machine:
             pc = self.regs[A.UC_ARM64_REG_PC]
         return self.block_retired + ((pc - self.block_pc) >> 2)
 
-    def _fault_at(self, index: int, access: int) -> None:
-        self.faults.setdefault(index, []).append("fetch" if access == FETCH else "data")
+    def _fault_at(self, index: int, access: int, kind: str = "") -> None:
+        self.faults.setdefault(index, []).append(kind or ("fetch" if access == FETCH else "data"))
 
     def _cut(self, pc: int) -> None:
         """The current block stopped before `pc`: instructions from pc on did not complete."""
@@ -560,7 +581,7 @@ class Machine:
 
     # ------------------------------------------------------------ running
 
-    def run(self, case: Case, writes: tuple[Write, ...] = (), smc_abi: str = SmcAbi.SMCCC,
+    def run(self, case: Case, writes: tuple[Write, ...] = (), emulation: Emulation = IDEAL,
             want_regs: bool = False) -> ExecLog:
         uc, regs = self.uc, self.regs
         self._load(case)
@@ -570,7 +591,7 @@ class Machine:
         if case.el1_regs:
             self._el1_regs(case)
         self.lines: dict[str, int] = {}       # interrupt lines the VMM drives (KVM_IRQ_LINE)
-        self.smc_abi = smc_abi
+        self.emulation = emulation
         self.touched: set[int] = set()        # pages mapped at stage 2 ...
         self.executable: set[int] = set()     # ... and of them, mapped executable
         self.probed = False
@@ -649,9 +670,9 @@ class Machine:
         of a page still takes the stage-2 fault the TLB hook would record."""
         page = pc & ~(PAGE - 1)
         if page not in self.executable and not any(b <= pc < e and pre for b, e, _, pre in self.ram):
+            self._fault_at(self.retired, FETCH, "exec" if page in self.touched else "fetch")
             self.touched.add(page)
             self.executable.add(page)
-            self._fault_at(self.retired, FETCH)
 
     def _apply(self, writes: list[tuple[str, int]], pc: int) -> int:
         """Registers written from outside the guest; returns where it goes on."""
@@ -711,7 +732,7 @@ class Machine:
             # device reads as zero (vGIC RAZ space).
             value = 0 if kernel else self.case.mmio_read & mask
             loaded = value
-            if insn.signed and loaded >> (8 * insn.size - 1):
+            if insn.signed and loaded >> (8 * insn.size - 1) and self.emulation.mmio_sign_extend:
                 loaded |= MASK64 & ~mask
             if not insn.sf:
                 loaded &= 0xFFFFFFFF
@@ -747,7 +768,7 @@ class Machine:
         """SMC, trapped by HCR_EL2.TSC and emulated by KVM as the era's SmcAbi says."""
         regs = self.regs
         func = regs[X_REGS[0]] & 0xFFFFFFFF
-        if self.smc_abi == SmcAbi.SMCCC and imm == 0:
+        if self.emulation.smc_abi == SmcAbi.SMCCC and imm == 0:
             if self.case.forwards(func):
                 regs[X_REGS[0]] = self.case.hypercall_result
                 return self._complete(pc, Special(kind=Meets.SMC_FORWARDED, detail=f"{func:#x}"))
@@ -784,7 +805,7 @@ class Machine:
                 specials[index] = Special(tuple(kinds), old.kind, old.access, old.detail)
         if self.outcome not in (Outcome.END, Outcome.MAX_STEPS):
             specials[n] = Special(specials.get(n, Special()).faults, self.outcome, detail=self.detail)
-        log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, writes, self.smc_abi)
+        log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, writes, self.emulation)
         if want_regs:
             log._regs = {name: self.regs[rid] for name, rid in REG_IDS.items()}
         return log

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from .case import Case
 from .compare import Divergence, compare
-from .guest import ExecLog, execute
+from .guest import Emulation, ExecLog, execute
 from .isa import InsnClass, decode
 from .kvm.eras import Era
 from .kvm.vmm import model_trace
@@ -24,9 +24,28 @@ class Result:
     divergence: Divergence | None
 
 
+def _words(case: Case):
+    yield from case.words
+    yield from case.handler_words.values()
+
+
 def has_smc(case: Case) -> bool:
     """Does the case's code hold an SMC (whose effect depends on the era's SmcAbi)?"""
-    return any(decode(w).kind == InsnClass.SMC for w in case.words)
+    return any(decode(w).kind == InsnClass.SMC for w in _words(case))
+
+
+def has_signed_load(case: Case) -> bool:
+    """Could an MMIO load of the case depend on the era's sign extension?"""
+    return bool(case.memory) and any(decode(w).signed for w in _words(case))
+
+
+def emulations(case: Case, era: Era, smc: bool, signed: bool) -> tuple[Emulation, Emulation]:
+    """The reference's emulation and the model's: the era's SMC ABI for both
+    (either is correct), the architecture's MMIO loads for the reference and
+    the era's for the model.  Parts the case cannot meet are left out, so
+    eras share executions (`smc`, `signed`: has_smc, has_signed_load)."""
+    ref = Emulation(smc_abi=era.smc_abi if smc else SmcAbi.SMCCC)
+    return ref, Emulation(ref.smc_abi, era.mmio_sign_extend or not signed)
 
 
 def not_reproducible(case: Case, era: Era) -> str:
@@ -44,19 +63,22 @@ def check(case: Case, eras: list[Era], first_divergence_only: bool = False) -> l
     its first differing stop: the divergence (and its signature) is the same,
     the rest of its trace is not computed (campaigns; `stepfuzz run` shows
     whole traces)."""
-    runs: dict[SmcAbi, tuple[ExecLog, RefTrace]] = {}
+    logs: dict[Emulation, ExecLog] = {}
+    refs: dict[Emulation, RefTrace] = {}
     results = []
-    smc = has_smc(case)        # (one log serves every era when there is none)
+    smc, signed = has_smc(case), has_signed_load(case)   # (one log serves every era when neither)
     for era in eras:
-        abi = era.smc_abi if smc else SmcAbi.SMCCC
-        if abi not in runs:
-            log = execute(case, smc_abi=abi)
-            runs[abi] = (log, reference(log))
-        log, ref = runs[abi]
+        ref_emu, emu = emulations(case, era, smc, signed)
+        for e in {ref_emu, emu}:
+            if e not in logs:
+                logs[e] = execute(case, emulation=e)
+        if ref_emu not in refs:
+            refs[ref_emu] = reference(logs[ref_emu])
+        log, ref = logs[emu], refs[ref_emu]
         why = not_reproducible(case, era)
         if why:
             results.append(Result(case, era, log, ref, Trace([], Outcome.NOT_REPRODUCIBLE, why), None))
             continue
         model = model_trace(era, log, ref if first_divergence_only else None)
-        results.append(Result(case, era, log, ref, model, compare(ref, model, era.id, log)))
+        results.append(Result(case, era, log, ref, model, compare(ref, model, era.id, log, logs[ref_emu])))
     return results

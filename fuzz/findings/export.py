@@ -31,7 +31,7 @@ from stepfuzz.oracle.case import INSN_EVENTS, Case
 from stepfuzz.oracle.guest import execute
 from stepfuzz.oracle.realkvm.batch import runner_limit
 from stepfuzz.oracle.reference import reference
-from stepfuzz.oracle.vocabulary import Outcome
+from stepfuzz.oracle.vocabulary import Meets, Outcome
 
 from stepfuzz.oracle.realkvm.vm import VMM_HEADER, VMM_SRC as VMM_SOURCE
 
@@ -70,6 +70,7 @@ class Expectation:
     ending: str
     detail: str
     dropped: list[str]          # events a VMM cannot reproduce
+    writes: list[int]           # the data of each MMIO write to userspace, as a correct kernel hands it over
 
 
 def as_reproduced(case: Case) -> Case:
@@ -98,8 +99,10 @@ def expectation(case: Case) -> Expectation:
     if ref.outcome not in EXPORTABLE_ENDINGS:
         raise NotExportable(f"the guest's run ends with '{ref.outcome}' ({ref.detail}): a reproducer cannot check that")
     dropped = [f"{e.when} insn {e.at}: {e.what}" for e in case.events if e.when in TIMED]
+    writes = [s.access.value for i, s in sorted(log.specials.items())     # (instruction i completes by stop i + 1)
+              if s.kind == Meets.MMIO and s.access.write and not s.access.kernel and i < len(ref.pcs)]
     return Expectation(case, ref.pcs, EXPORTABLE_ENDINGS[ref.outcome],
-                       str(errno.ENOSYS) if ref.outcome == Outcome.NO_SYNDROME else "", dropped)
+                       str(errno.ENOSYS) if ref.outcome == Outcome.NO_SYNDROME else "", dropped, writes)
 
 
 def _title(case: Case, index: int) -> str:
@@ -139,6 +142,8 @@ def _case_table(exps: list[Expectation]) -> str:
             f"\t\t.nwords = {len(c.words)},\n"
             f"\t\t.expected = (const uint64_t[]){{ {', '.join(f'{pc:#x}' for pc in x.pcs) or '0'} }},\n"
             f"\t\t.nexpected = {len(x.pcs)},\n"
+            f"\t\t.writes = (const uint64_t[]){{ {', '.join(f'{v:#x}' for v in x.writes) or '0'} }},\n"
+            f"\t\t.nwrites = {len(x.writes)},\n"
             f"\t\t.ending = {c_string(x.ending)}, .ending_detail = {c_string(x.detail)},\n"
             f"\t}},")
     return "\n".join(blocks)

@@ -4,7 +4,7 @@
 Run it through `stepfuzz fuzz`, or directly with libFuzzer flags:
     fuzz/stepfuzz_fuzzer.py CORPUS_DIR -runs=1000
 Configuration comes from the environment:
-    STEPFUZZ_ERAS     era ids, comma-separated, or all (default; 6.14,arch when
+    STEPFUZZ_ERAS     era ids, comma-separated, or all (default; 7.2,arch when
                       packed for an engine: there every finding should be news,
                       and older eras diverge on almost every input)
     STEPFUZZ_CRASHES  crash directory (default crashes)
@@ -56,7 +56,7 @@ class DivergenceFound(Exception):
 
 
 ENGINE = bool(getattr(sys, "frozen", False))          # packed: run by ClusterFuzzLite / OSS-Fuzz
-ERAS = select(os.environ.get("STEPFUZZ_ERAS", "6.14,arch" if ENGINE else "all"))
+ERAS = select(os.environ.get("STEPFUZZ_ERAS", "7.2,arch" if ENGINE else "all"))
 CRASH_MODE = os.environ.get("STEPFUZZ_ON_DIVERGENCE", "crash" if ENGINE else "record") == "crash"
 # engines keep their own crash artifacts; a local crash store only where asked for
 STORE = CrashStore(os.environ.get("STEPFUZZ_CRASHES", "crashes"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from ..case import Case
 from ..compare import Divergence, compare
-from ..guest import ExecLog, execute
+from ..guest import Emulation, ExecLog, execute
 from ..reference import reference
 from ..vocabulary import DivergenceKind
 from .eras import ERAS, POLICY_POINTS, Era
@@ -128,10 +128,22 @@ def attribute(case: Case, era: Era, d: Divergence | None = None, log: ExecLog | 
     """The smallest set of later fixes that removes `era`'s divergence on `case`
     (`log`: the case's execution, when the caller has it: every changed era
     runs over the same one, as every era does in a check)."""
-    log = log if log is not None else execute(case)
-    ref = reference(log)
+    from ..run import emulations, has_signed_load, has_smc
+    smc, signed = has_smc(case), has_signed_load(case)
+    logs: dict[Emulation, ExecLog] = {}
+
+    def log_of(e: Emulation) -> ExecLog:
+        if e not in logs:
+            logs[e] = execute(case, emulation=e)
+        return logs[e]
+
+    ref_emu, emu = emulations(case, era, smc, signed)
+    if log is not None:
+        logs[emu] = log
+    ref_log = log_of(ref_emu)
+    ref = reference(ref_log)
     if d is None:
-        d = compare(ref, model_trace(era, log), era.id, log)
+        d = compare(ref, model_trace(era, log_of(emu)), era.id, log_of(emu), ref_log)
         if d is None:
             raise ValueError(f"{case.source}: does not diverge on era {era.id}")
     checks = 0
@@ -140,7 +152,10 @@ def attribute(case: Case, era: Era, d: Divergence | None = None, log: ExecLog | 
         nonlocal checks
         checks += 1
         changed = replace(era, **fields)
-        return removes(d, compare(ref, model_trace(changed, log), era.id, log))
+        # (a fix of the kernel's emulation changes the execution; the
+        # reference stays the era's)
+        changed_log = log_of(emulations(case, changed, smc, signed)[1])
+        return removes(d, compare(ref, model_trace(changed, changed_log), era.id, changed_log, ref_log))
 
     candidates = candidate_fixes(era)
     released = [f for f in candidates if f.released]

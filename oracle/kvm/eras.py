@@ -57,6 +57,8 @@ POLICY_POINTS: dict[str, PolicyPoint] = {p.field: p for p in (
                 "whether enabling single-step arms the first step (SS = 1)"),
     PolicyPoint("smc_abi", "handle_smc()",
                 "what a trapped SMC does: x0 = ~0 and a skip, or the PC skip first and an SMCCC call like HVC"),
+    PolicyPoint("mmio_sign_extend", "kvm_handle_mmio_return()",
+                "whether a sign-extending MMIO load keeps its sign bits (vcpu_data_host_to_guest() cut them off after)"),
 )}
 
 # KVM API features a case may need, and the upstream release each appeared in.
@@ -64,6 +66,11 @@ POLICY_POINTS: dict[str, PolicyPoint] = {p.field: p for p in (
 # era) without it; it is never run another way.
 FEATURES: dict[str, tuple[Version, str]] = {
     "smccc-filter": ((6, 4, 0), "KVM_ARM_VM_SMCCC_FILTER with KVM_EXIT_HYPERCALL (821d935c87bc, d824dff1919b)"),
+    # a behaviour rather than an API: user_mem_abort() makes a stage-2
+    # mapping executable only on an instruction fault (exec_fault), unless
+    # the CPU has CTR_EL0.DIC (QEMU's `max` has not), so a page touched by
+    # data first faults again on its first fetch
+    "stage2-xn": ((4, 16, 0), "stage-2 mappings made executable on the first instruction fetch"),
 }
 
 
@@ -93,11 +100,19 @@ class Era:
     step_exit_rearms: bool = False   # handling a step exit sets SS = 1 (the debugger re-arms the step)
     armed_at_enable: bool = False # KVM_SET_GUEST_DEBUG arms the step itself (SS = 1)
     smc_abi: str = SmcAbi.ALL_ONES   # handle_smc(): SmcAbi.ALL_ONES (f5115e8869e1) / SmcAbi.SMCCC (c2d2e9b3d8ce)
+    mmio_sign_extend: bool = False   # kvm_handle_mmio_return(): sign bits kept (85f56708a443, v7.2)
 
     def covers(self, version: Version) -> bool:
         """Does this era stand for upstream kernel `version`?"""
         return self.released and (self.since is None or self.since <= version) and (
             self.until is None or version < self.until)
+
+    def has(self, feature: str) -> bool:
+        """Do some of this era's releases have `feature` (the era's model
+        follows them: the 4.15 era stands mostly for 4.16-4.20)?"""
+        if not self.released:
+            return not self.after or ERAS[self.after].has(feature)
+        return self.until is None or self.until > FEATURES[feature][0]
 
     def lacks(self, feature: str) -> str:
         """Why a case that needs `feature` is not reproducible on this era
@@ -166,17 +181,23 @@ ERAS: dict[str, Era] = {e.id: e for e in (
         summary="as 6.1; an SMC is skipped before it is handled as an SMCCC call, which the VMM may take",
         entry_ss=KEEP_PENDING, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True,
         smc_abi=SmcAbi.SMCCC),
-    Era(id="6.14", kernels="v6.14 and later", since=(6, 14, 0),
+    Era(id="6.14", kernels="v6.14 - v7.1", since=(6, 14, 0), until=(7, 2, 0),
         after="6.4", changes=(("entry_ss", "2ca3f03bf524"), ("ss_at_load_put", "2ca3f03bf524"), ("step_exit_rearms", "2ca3f03bf524")),
         commits="2ca3f03bf524 (software step state managed at vcpu load/put)",
         summary="SS saved at vcpu_put and restored at vcpu_load; a step exit re-arms SS",
         entry_ss=UNTOUCHED, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True,
         ss_at_load_put=True, step_exit_rearms=True, smc_abi=SmcAbi.SMCCC),
+    Era(id="7.2", kernels="v7.2 and later", since=(7, 2, 0),
+        after="6.14", changes=(("mmio_sign_extend", "85f56708a443"),),
+        commits="85f56708a443 'Fix sign-extension of MMIO loads'",
+        summary="as 6.14; a sign-extending MMIO load keeps its sign bits",
+        entry_ss=UNTOUCHED, skip=SKIP_DEFERRED, mmio_guard=True, commit_pc_at_out=True,
+        ss_at_load_put=True, step_exit_rearms=True, smc_abi=SmcAbi.SMCCC, mmio_sign_extend=True),
     Era(id="arch", kernels="Mark Rutland's 2018 proposal", released=False,
         commits="the Arm ARM D2.11 state machine",
         summary="follow the architectural state machine: emulation advances it, nothing forces it",
         entry_ss=UNTOUCHED, skip=SKIP_EL1_CLEAR, mmio_guard=True, step_exit_rearms=True, armed_at_enable=True,
-        smc_abi=SmcAbi.SMCCC),
+        smc_abi=SmcAbi.SMCCC, mmio_sign_extend=True),
 )}
 
 ERA_IDS = tuple(ERAS)

@@ -68,6 +68,7 @@ class GuestHw:
         self.tde = True               # MDCR_EL2.TDE: debug exceptions go to EL2
         self.bps: frozenset[int] = frozenset()   # hardware breakpoints (DBGBVR/DBGBCR)
         self.note = ""                # why this model ended a run itself
+        self.exec_faults = True       # a page read first faults again on its first fetch ("exec")
 
     # ------------------------------------------------------------ entry
 
@@ -119,8 +120,10 @@ class GuestHw:
         special = log.specials.get(idx, _NATIVE) if idx < log.n else self._special_past_code(idx)
         attempt = self.attempts
         self.attempts += 1
-        if attempt < len(special.faults):
-            return HwExit(HwExitKind.STAGE2, idx, detail=special.faults[attempt])
+        faults = special.faults if self.exec_faults or "exec" not in special.faults else tuple(
+            f for f in special.faults if f != "exec")
+        if attempt < len(faults):
+            return HwExit(HwExitKind.STAGE2, idx, detail=faults[attempt])
         kind = special.kind
         if kind == Meets.NATIVE:
             if idx >= log.n and not self.stepping and self.pc == self.case.end:
@@ -164,7 +167,8 @@ class GuestHw:
         if special is not None:
             if special.kind == Meets.EXCEPTION and special.detail in ("irq", "fiq"):
                 self.why.append(IRQ_WITH_STEP_DUE)
-            elif special.faults[self.attempts:self.attempts + 1] == ("fetch",):
+            elif special.faults[self.attempts:self.attempts + 1] == ("fetch",) or (
+                    self.exec_faults and special.faults[self.attempts:self.attempts + 1] == ("exec",)):
                 self.why.append(FETCH_FAULT_WITH_STEP_DUE)
 
     def _unmodelled(self, idx: int, why: str) -> HwExit:

@@ -17,6 +17,7 @@ from ..vocabulary import ExitReason, HwExitKind, RunResult, SmcAbi, Trap
 class Kvm:
     def __init__(self, era: Era, hw: GuestHw):
         self.era, self.hw = era, hw
+        hw.exec_faults = era.has("stage2-xn")
         self.exit_reason = ExitReason.UNKNOWN   # kvm_run->exit_reason, as left for userspace
         self.hsr = 0                      # kvm_run->debug.arch.hsr
         self.mmio_needed = False
@@ -214,7 +215,7 @@ class Kvm:
     def handle_trap(self, exit: HwExit) -> RunResult | None:
         hw, kind = self.hw, exit.kind
         if kind == HwExitKind.STAGE2:
-            hw.why.append(Trap.STAGE2_FETCH if exit.detail == "fetch" else Trap.STAGE2_DATA)
+            hw.why.append(Trap.STAGE2_DATA if exit.detail == "data" else Trap.STAGE2_FETCH)
             return None                   # page mapped; the instruction runs again
         if kind == HwExitKind.DBGREG:
             hw.why.append(Trap.DBGREG)

@@ -125,6 +125,8 @@ extern const uint32_t sf_prologue_start[], sf_prologue_end[];
 struct stop_record { uint64_t pc; uint32_t hsr; };
 static struct stop_record recorded[MAX_RECORDED];
 static size_t nrecorded;
+static uint64_t written[MAX_RECORDED];   /* the data of each MMIO write to userspace (reproducers check it) */
+static size_t nwritten;
 static char ended[16], ended_detail[160];
 static int quiet;                 /* no "@@sf" lines: the caller prints its own */
 
@@ -619,6 +621,8 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			unsigned len = run->mmio.len > 8 ? 8 : run->mmio.len;
 			if (run->mmio.is_write) {
 				memcpy(&data, run->mmio.data, len);
+				if (nwritten < MAX_RECORDED)
+					written[nwritten++] = data;
 			} else {
 				data = len < 8 ? c->mmio_read & ((1ULL << (8 * len)) - 1) : c->mmio_read;
 				memcpy(run->mmio.data, &data, len);   /* little-endian host */
@@ -715,7 +719,7 @@ static void run_case(struct casedef *c)
 	uint64_t end_code = c->base + 4ULL * (uint64_t)c->nwords;
 	struct region *home = NULL;
 
-	nrecorded = 0;
+	nrecorded = nwritten = 0;
 	ended[0] = ended_detail[0] = 0;
 	out("%ld begin", c->id);
 	arm_timer(c->timeout_ms);

@@ -11,6 +11,8 @@ struct sf_case {
 	int nwords;
 	const uint64_t *expected;        /* the reference: one stop per instruction */
 	size_t nexpected;
+	const uint64_t *writes;          /* ... and the data of each MMIO write to userspace */
+	size_t nwrites;
 	const char *ending, *ending_detail;
 };
 

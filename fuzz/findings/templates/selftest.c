@@ -63,7 +63,7 @@ static int pending_for(const struct sf_case *c, int when, uint64_t n)
 static bool run_case(const struct sf_case *c)
 {
 	struct kvm_guest_debug debug = { .control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP };
-	uint64_t end = c->base + 4 * c->nwords, stops = 0, mmios = 0;
+	uint64_t end = c->base + 4 * c->nwords, stops = 0, mmios = 0, writes = 0;
 	struct kvm_vcpu *vcpu;
 	struct kvm_vm *vm;
 	struct kvm_run *run;
@@ -141,8 +141,19 @@ static bool run_case(const struct sf_case *c)
 			break;
 		}
 		if (run->exit_reason == KVM_EXIT_MMIO) {
-			if (!run->mmio.is_write)
+			if (!run->mmio.is_write) {
 				memcpy(run->mmio.data, &c->mmio_read, run->mmio.len);
+			} else {
+				/* the bytes a correct kernel hands over (a lost sign extension shows here) */
+				uint64_t data = 0;
+				memcpy(&data, run->mmio.data, run->mmio.len > 8 ? 8 : run->mmio.len);
+				if (writes >= c->nwrites || data != c->writes[writes]) {
+					ksft_print_msg("%s: MMIO write %lu carries 0x%lx, expected 0x%lx\n", c->name, writes + 1,
+						       data, writes < c->nwrites ? c->writes[writes] : 0);
+					goto out;
+				}
+				writes++;
+			}
 			pending = pending_for(c, EV_MMIO, ++mmios);
 			continue;
 		}

@@ -59,6 +59,20 @@ static int check(const struct sf_case *s)
 		printf("%s\n", ok ? "" : "  <-- differs");
 		bad |= !ok;
 	}
+	for (size_t i = 0; i < nwritten || i < s->nwrites; i++) {
+		if (i < nwritten && i < s->nwrites && written[i] == s->writes[i])
+			continue;
+		printf("  mmio write %zu: ", i + 1);
+		if (i < nwritten)
+			printf("%#llx", (unsigned long long)written[i]);
+		else
+			printf("(none)");
+		if (i < s->nwrites)
+			printf(", expected %#llx  <-- differs\n", (unsigned long long)s->writes[i]);
+		else
+			printf(", expected no more  <-- differs\n");
+		bad = 1;
+	}
 	if (strcmp(ended, s->ending) || strcmp(ended_detail, s->ending_detail)) {
 		printf("  ended: %s %s, expected: %s %s\n", ended, ended_detail, s->ending, s->ending_detail);
 		bad = 1;
@@ -83,7 +97,7 @@ int main(void)
 		run_case(&c);
 		int verdict = check(&cases[i]);
 		printf("case %zu: %s\n", i, verdict == 0 ? "ok: one instruction per stop" :
-		       verdict == 1 ? "DIVERGES from one instruction per stop" : "setup failure");
+		       verdict == 1 ? "DIVERGES from one instruction per stop (or from the MMIO bytes a correct kernel hands over)" : "setup failure");
 		if (verdict > worst)
 			worst = verdict;      /* setup failure (2) outranks a divergence (1) */
 	}
