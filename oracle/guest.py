@@ -140,6 +140,7 @@ class ExecLog:
     detail: str = ""
     writes: tuple[Write, ...] = ()    # register writes from outside the guest ("pc": where it goes on)
     emulation: Emulation = IDEAL
+    sign_extended: bool = False       # an MMIO load's sign extension changed its value
     _regs: dict[str, int] | None = field(default=None, repr=False)
 
     @cached_property
@@ -592,6 +593,7 @@ class Machine:
             self._el1_regs(case)
         self.lines: dict[str, int] = {}       # interrupt lines the VMM drives (KVM_IRQ_LINE)
         self.emulation = emulation
+        self.sign_extended = False
         self.touched: set[int] = set()        # pages mapped at stage 2 ...
         self.executable: set[int] = set()     # ... and of them, mapped executable
         self.probed = False
@@ -734,6 +736,7 @@ class Machine:
             loaded = value
             if insn.signed and loaded >> (8 * insn.size - 1) and self.emulation.mmio_sign_extend:
                 loaded |= MASK64 & ~mask
+                self.sign_extended = True
             if not insn.sf:
                 loaded &= 0xFFFFFFFF
             if insn.rt != 31:
@@ -805,7 +808,8 @@ class Machine:
                 specials[index] = Special(tuple(kinds), old.kind, old.access, old.detail)
         if self.outcome not in (Outcome.END, Outcome.MAX_STEPS):
             specials[n] = Special(specials.get(n, Special()).faults, self.outcome, detail=self.detail)
-        log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, writes, self.emulation)
+        log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, writes, self.emulation,
+                      self.sign_extended)
         if want_regs:
             log._regs = {name: self.regs[rid] for name, rid in REG_IDS.items()}
         return log

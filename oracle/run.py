@@ -34,18 +34,16 @@ def has_smc(case: Case) -> bool:
     return any(decode(w).kind == InsnClass.SMC for w in _words(case))
 
 
-def has_signed_load(case: Case) -> bool:
-    """Could an MMIO load of the case depend on the era's sign extension?"""
-    return bool(case.memory) and any(decode(w).signed for w in _words(case))
+def reference_emulation(era: Era, smc: bool) -> Emulation:
+    """The era's SMC ABI (either is correct) when the case has an SMC
+    (`smc`: has_smc), and the architecture's MMIO loads."""
+    return Emulation(smc_abi=era.smc_abi if smc else SmcAbi.SMCCC)
 
 
-def emulations(case: Case, era: Era, smc: bool, signed: bool) -> tuple[Emulation, Emulation]:
-    """The reference's emulation and the model's: the era's SMC ABI for both
-    (either is correct), the architecture's MMIO loads for the reference and
-    the era's for the model.  Parts the case cannot meet are left out, so
-    eras share executions (`smc`, `signed`: has_smc, has_signed_load)."""
-    ref = Emulation(smc_abi=era.smc_abi if smc else SmcAbi.SMCCC)
-    return ref, Emulation(ref.smc_abi, era.mmio_sign_extend or not signed)
+def model_emulation(era: Era, ref_log: ExecLog) -> Emulation:
+    """The era's own: its MMIO loads too, where the reference's execution
+    sign-extended one (elsewhere the two executions are the same one)."""
+    return Emulation(ref_log.emulation.smc_abi, era.mmio_sign_extend or not ref_log.sign_extended)
 
 
 def not_reproducible(case: Case, era: Era) -> str:
@@ -66,12 +64,14 @@ def check(case: Case, eras: list[Era], first_divergence_only: bool = False) -> l
     logs: dict[Emulation, ExecLog] = {}
     refs: dict[Emulation, RefTrace] = {}
     results = []
-    smc, signed = has_smc(case), has_signed_load(case)   # (one log serves every era when neither)
+    smc = has_smc(case)        # (one log serves every era when the emulations cannot differ)
     for era in eras:
-        ref_emu, emu = emulations(case, era, smc, signed)
-        for e in {ref_emu, emu}:
-            if e not in logs:
-                logs[e] = execute(case, emulation=e)
+        ref_emu = reference_emulation(era, smc)
+        if ref_emu not in logs:
+            logs[ref_emu] = execute(case, emulation=ref_emu)
+        emu = model_emulation(era, logs[ref_emu])
+        if emu not in logs:
+            logs[emu] = execute(case, emulation=emu)
         if ref_emu not in refs:
             refs[ref_emu] = reference(logs[ref_emu])
         log, ref = logs[emu], refs[ref_emu]

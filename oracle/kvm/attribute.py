@@ -128,8 +128,8 @@ def attribute(case: Case, era: Era, d: Divergence | None = None, log: ExecLog | 
     """The smallest set of later fixes that removes `era`'s divergence on `case`
     (`log`: the case's execution, when the caller has it: every changed era
     runs over the same one, as every era does in a check)."""
-    from ..run import emulations, has_signed_load, has_smc
-    smc, signed = has_smc(case), has_signed_load(case)
+    from ..run import has_smc, model_emulation, reference_emulation
+    smc = has_smc(case)
     logs: dict[Emulation, ExecLog] = {}
 
     def log_of(e: Emulation) -> ExecLog:
@@ -137,10 +137,10 @@ def attribute(case: Case, era: Era, d: Divergence | None = None, log: ExecLog | 
             logs[e] = execute(case, emulation=e)
         return logs[e]
 
-    ref_emu, emu = emulations(case, era, smc, signed)
+    ref_log = log_of(reference_emulation(era, smc))
+    emu = model_emulation(era, ref_log)
     if log is not None:
         logs[emu] = log
-    ref_log = log_of(ref_emu)
     ref = reference(ref_log)
     if d is None:
         d = compare(ref, model_trace(era, log_of(emu)), era.id, log_of(emu), ref_log)
@@ -154,7 +154,7 @@ def attribute(case: Case, era: Era, d: Divergence | None = None, log: ExecLog | 
         changed = replace(era, **fields)
         # (a fix of the kernel's emulation changes the execution; the
         # reference stays the era's)
-        changed_log = log_of(emulations(case, changed, smc, signed)[1])
+        changed_log = log_of(model_emulation(changed, ref_log))
         return removes(d, compare(ref, model_trace(changed, changed_log), era.id, changed_log, ref_log))
 
     candidates = candidate_fixes(era)
