@@ -23,11 +23,10 @@ from unicorn import UC_ARCH_ARM64, UC_HOOK_INTR, UC_MODE_ARM, Uc
 from unicorn import arm64_const as A
 
 from .case import Case
-from .guest import (DAIF, EL1_SYSREGS, PSTATE_EL1H, PSTATE_RESET, REG_IDS, VECTOR_OF, el1_below_el2,
+from .guest import (DAIF, EL1_SYSREGS, PSTATE_RESET, PSTATE_SS, REG_IDS, VECTOR_OF, el1_below_el2, enter_el1,
                     program_bytes, syndrome, write_sysreg)
-from .isa import InsnClass, decode
+from .isa import EXCEPTIONS, Insn, InsnClass, decode
 
-PSTATE_SS = 1 << 21
 FAR_UNTIL = 0xFFFF_FFFF_FFFF_FFF0
 EXCP_UDEF, EXCP_SWI = 1, 2
 
@@ -59,26 +58,21 @@ def arch_step_pcs(case: Case) -> list[int]:
     pcs: list[int] = []
     resumed = [case.base]           # where the guest went on after the last stop
 
-    def take(uc: Uc, pc: int, ret: int, which: str) -> None:
-        pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
-        uc.reg_write(A.UC_ARM64_REG_ELR_EL1, ret)
-        uc.reg_write(A.UC_ARM64_REG_ESR_EL1, syndrome(decode(case.code_word(pc if which != "svc" else pc - 4))))
-        write_sysreg(uc, *EL1_SYSREGS["spsr_el1"], pstate & ~PSTATE_SS)
-        uc.reg_write(A.UC_ARM64_REG_PSTATE, DAIF | PSTATE_EL1H)      # SS = 0: active-pending
-        write_sysreg(uc, 2, 0, 0, 2, 2, 1)                           # (rebuilds hflags)
-        uc.reg_write(A.UC_ARM64_REG_PC, case.vector(VECTOR_OF[which]))
+    def take(uc: Uc, ret: int, insn: Insn) -> None:
+        enter_el1(uc, ret, syndrome(insn))             # SS = 0: the step is active-pending at the vector
+        uc.reg_write(A.UC_ARM64_REG_PC, case.vector(VECTOR_OF[insn.reason]))
         resumed[0] = -1
 
     def on_step(uc: Uc, intno: int, _data) -> None:
         pc = uc.reg_read(A.UC_ARM64_REG_PC)
+        if intno == EXCP_SWI:                          # an SVC, PC past it
+            take(uc, pc, decode(case.code_word(pc - 4)))
+            return
         word = case.code_word(pc)
         insn = decode(word) if word is not None else None
-        if intno == EXCP_SWI:                          # an SVC, PC past it
-            take(uc, pc, pc, "svc")
-            return
         if (intno == EXCP_UDEF and insn is not None and insn.kind == InsnClass.GUEST_EXCEPTION
-                and insn.reason != "svc" and resumed[0] == pc):
-            take(uc, pc, pc, insn.reason)              # it did not retire (its step stop came first)
+                and not EXCEPTIONS[insn.reason].retires and resumed[0] == pc):
+            take(uc, pc, insn)                         # it did not retire (its step stop came first)
             return
         pcs.append(pc)
         resumed[0] = pc

@@ -48,7 +48,7 @@ ESR_IL = 1 << 25                  # a 32-bit instruction
 ISS_FP_TRAP = 0x1E00000
 # where each kind of exception taken from EL1 with SP_EL1 enters (VBAR_EL1 + offset)
 VECTOR_OF = {"svc": "sync", "undef": "sync", "fp": "sync", "irq": "irq", "fiq": "fiq"}
-IRQ_LINES = (("fiq", 1 << 6, "fiq"), ("irq", 1 << 7, "irq"))   # (line, its PSTATE mask bit, vector); FIQ first, as QEMU
+LINE_MASKS = (("fiq", 1 << 6), ("irq", 1 << 7))   # each interrupt line and its PSTATE mask bit; FIQ first, as QEMU
 BUDGET_SLACK = 2                  # instructions run past max_steps, for models that overshoot
 
 FETCH, READ, WRITE = ucc.UC_MEM_FETCH, ucc.UC_MEM_READ, ucc.UC_MEM_WRITE
@@ -83,8 +83,8 @@ Write = tuple[int, str, int]      # (instructions completed, register, value): a
 @dataclass(frozen=True, slots=True)
 class Emulation:
     """How the kernel emulates what the guest CPU emulates for it, where
-    kernels differ (each era's, eras.Era.emulation; the reference's is the
-    architecture's where a kernel was simply wrong)."""
+    kernels differ (an era's: run.model_emulation; the reference's is the
+    architecture's where a kernel was simply wrong: run.reference_emulation)."""
     smc_abi: str = SmcAbi.SMCCC       # handle_smc(): SmcAbi
     # kvm_handle_mmio_return(): a sign-extending load keeps its sign bits.
     # Before v7.2 (85f56708a443) vcpu_data_host_to_guest() cut the value back
@@ -229,6 +229,28 @@ def write_sysreg(uc: Uc, op0: int, op1: int, crn: int, crm: int, op2: int, value
 
 def read_sysreg(uc: Uc, op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
     return uc.reg_read(A.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2))
+
+
+def set_pstate(uc: Uc, value: int) -> None:
+    """Write PSTATE so that Unicorn sees it: any system register write
+    rebuilds its hflags (CPACR_EL1 is written back unchanged)."""
+    uc.reg_write(A.UC_ARM64_REG_PSTATE, value)
+    write_sysreg(uc, *CPACR_EL1, read_sysreg(uc, *CPACR_EL1))
+
+
+def enter_el1(uc: Uc, ret: int, esr: int | None) -> None:
+    """Exception entry to EL1 with SP_EL1, as the CPU does it (Unicorn never
+    does: QEMU's arm_cpu_do_interrupt_aarch64 is the model): ELR_EL1 = `ret`,
+    SPSR_EL1 = the PSTATE it interrupts, ESR_EL1 = `esr` (None: an
+    interrupt, unchanged), then all of DAIF masked, EL1h, flags clear and SS
+    = 0 (as QEMU and KVM's enter_exception64 build it).  The caller moves
+    the PC to the vector."""
+    pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
+    uc.reg_write(A.UC_ARM64_REG_ELR_EL1, ret)
+    write_sysreg(uc, *EL1_SYSREGS["spsr_el1"], pstate & (PSTATE_NZCV | DAIF | 0xF))
+    if esr is not None:
+        uc.reg_write(A.UC_ARM64_REG_ESR_EL1, esr)
+    set_pstate(uc, DAIF | PSTATE_EL1H)
 
 
 def el1_below_el2(uc: Uc) -> None:
@@ -377,17 +399,11 @@ class Machine:
                 # yet: no touch, and the entry is dropped after this run
                 self.probed = True
             elif access == FETCH:
-                # the first fetch: a stage-2 fault.  KVM maps a page
-                # executable only on an instruction fault, on a CPU without
-                # CTR_EL0.DIC (QEMU's `max`, the Cortex-A72): a page read
-                # first faults again ("exec"; eras.FEATURES "stage2-xn")
-                self._fault_at(self.retired, access, "exec" if page in self.touched else "fetch")
-                self.touched.add(page)
-                self.executable.add(page)
+                self._first_fetch(page)
             else:
                 if page not in self.touched:
                     self.touched.add(page)     # first touch: KVM takes a stage-2 fault
-                    self._fault_at(self._index(), access)
+                    self._fault_at(self._index(), "data")
                 perms = ucc.UC_PROT_READ       # (so that a fetch from it fills again)
         if code_page:
             entry.paddr = self._code_phys(vaddr & ~(SUBPAGE - 1))
@@ -494,35 +510,21 @@ class Machine:
         never does: QEMU's arm_cpu_do_interrupt_aarch64 is the model).  The
         instruction at `pc` takes it (an SVC completes first); returns the
         vector.  Without `vectors` the run ends there, as a guest exception."""
-        case, regs = self.case, self.regs
-        pstate = regs[A.UC_ARM64_REG_PSTATE]
+        case = self.case
         if case.vectors is None:
             self._ending(pc, Outcome.GUEST_EXCEPTION, f"{which} at {pc:#x}")
             return pc
-        if pstate & 0xF != PSTATE_EL1H:
+        if self.regs[A.UC_ARM64_REG_PSTATE] & 0xF != PSTATE_EL1H:
             # (the vector would be VBAR + 0x000..0x180, and the SP banks switch)
             self._ending(pc, Outcome.UNSUPPORTED, f"{which} taken with SP_EL0 selected is not modelled")
             return pc
-        retires = which == "svc"
-        self.specials[self.retired] = Special(kind=Meets.SVC if retires else Meets.EXCEPTION, detail=which)
-        self.segments.append([pc, 1])
-        self.retired += 1
-        regs[A.UC_ARM64_REG_ELR_EL1] = pc + 4 if retires else pc
-        write_sysreg(self.uc, *EL1_SYSREGS["spsr_el1"], pstate & (PSTATE_NZCV | DAIF | 0xF))
-        if esr is not None:
-            regs[A.UC_ARM64_REG_ESR_EL1] = esr
-        # the new PSTATE: all of DAIF masked, EL1h, flags clear (as QEMU and
-        # KVM's enter_exception64 build it)
-        self._set_pstate(DAIF | PSTATE_EL1H)
-        return case.vector(VECTOR_OF[which])
-
-    def _set_pstate(self, value: int) -> None:
-        # A system register write makes Unicorn see the new PSTATE.  (Its
-        # VBAR_EL1 stays 0, outside any case's code: given a real vector,
-        # Unicorn delivers its own exceptions there, e.g. the data abort of
-        # an MMIO access it stops at, and the next run inherits the state.)
-        self.regs[A.UC_ARM64_REG_PSTATE] = value
-        write_sysreg(self.uc, *CPACR_EL1, 0)
+        # (Unicorn's VBAR_EL1 stays 0, outside any case's code: given a real
+        # vector, Unicorn delivers its own exceptions there, e.g. the data
+        # abort of an MMIO access it stops at, and the next run inherits it.)
+        retires = which in EXCEPTIONS and EXCEPTIONS[which].retires
+        enter_el1(self.uc, pc + 4 if retires else pc, esr)
+        return self._complete(pc, Special(kind=Meets.SVC if retires else Meets.EXCEPTION, detail=which),
+                              case.vector(VECTOR_OF[which]))
 
     def _eret(self, pc: int) -> int:
         """ERET at EL1: back to ELR_EL1 with SPSR_EL1's PSTATE (to EL1h only)."""
@@ -535,14 +537,14 @@ class Machine:
         if elr & 3:
             self._ending(pc, Outcome.UNSUPPORTED, f"eret to the misaligned {elr:#x} is not modelled")
             return pc
-        self._set_pstate(spsr & ~PSTATE_SS)
+        set_pstate(uc, spsr & ~PSTATE_SS)
         return self._complete(pc, None, elr)
 
     def _interrupt(self) -> str | None:
         """The interrupt the guest takes before its next instruction, if any."""
         if self.lines:
             pstate = self.regs[A.UC_ARM64_REG_PSTATE]
-            for line, mask, _ in IRQ_LINES:
+            for line, mask in LINE_MASKS:
                 if self.lines.get(line) and not pstate & mask:
                     return line
         return None
@@ -555,8 +557,9 @@ class Machine:
             pc = self.regs[A.UC_ARM64_REG_PC]
         return self.block_retired + ((pc - self.block_pc) >> 2)
 
-    def _fault_at(self, index: int, access: int, kind: str = "") -> None:
-        self.faults.setdefault(index, []).append(kind or ("fetch" if access == FETCH else "data"))
+    def _fault_at(self, index: int, kind: str) -> None:
+        """A stage-2 fault ("fetch", "exec" or "data") before instruction `index` completes."""
+        self.faults.setdefault(index, []).append(kind)
 
     def _cut(self, pc: int) -> None:
         """The current block stopped before `pc`: instructions from pc on did not complete."""
@@ -619,7 +622,8 @@ class Machine:
             self.fault = None
             line = self._interrupt()
             word = case.code_word(pc)
-            if (line is not None or word is not None and decode(word).stops) and self.retired >= self.budget:
+            stops = word is not None and decode(word).stops
+            if (line is not None or stops) and self.retired >= self.budget:
                 # (the bound the block hook keeps for Unicorn, kept here too:
                 # an ERET to itself or an exception in a handler loops here)
                 self._ending(pc, Outcome.MAX_STEPS, "")
@@ -627,7 +631,7 @@ class Machine:
             if line is not None:
                 pc = self._take(pc, line)
                 continue
-            if word is not None and decode(word).stops:
+            if stops:
                 # Unicorn does not stop at an exit it starts on: handle it here
                 self._fetched(pc)
                 pc = self._on_exit(pc)
@@ -667,14 +671,21 @@ class Machine:
                     self.regs.flush_tlb()
         return self._log(case, writes, want_regs)
 
+    def _first_fetch(self, page: int) -> None:
+        """The guest's first instruction fetch from `page`, not prefaulted: a
+        stage-2 fault.  KVM maps a page executable only on an instruction
+        fault, on a CPU without CTR_EL0.DIC (QEMU's `max`, the Cortex-A72):
+        a page read first faults again ("exec"; eras.FEATURES "stage2-xn")."""
+        self._fault_at(self.retired, "exec" if page in self.touched else "fetch")
+        self.touched.add(page)
+        self.executable.add(page)
+
     def _fetched(self, pc: int) -> None:
-        """The instruction at `pc` is fetched outside Unicorn: its first touch
-        of a page still takes the stage-2 fault the TLB hook would record."""
+        """The instruction at `pc` is fetched outside Unicorn: its first
+        fetch from a page still takes the fault the TLB hook would record."""
         page = pc & ~(PAGE - 1)
         if page not in self.executable and not any(b <= pc < e and pre for b, e, _, pre in self.ram):
-            self._fault_at(self.retired, FETCH, "exec" if page in self.touched else "fetch")
-            self.touched.add(page)
-            self.executable.add(page)
+            self._first_fetch(page)
 
     def _apply(self, writes: list[tuple[str, int]], pc: int) -> int:
         """Registers written from outside the guest; returns where it goes on."""

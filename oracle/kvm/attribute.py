@@ -137,10 +137,10 @@ def attribute(case: Case, era: Era, d: Divergence | None = None, log: ExecLog | 
             logs[e] = execute(case, emulation=e)
         return logs[e]
 
+    if log is not None:
+        logs[log.emulation] = log      # (the caller's execution, often the reference's too)
     ref_log = log_of(reference_emulation(era, smc))
     emu = model_emulation(era, ref_log)
-    if log is not None:
-        logs[emu] = log
     ref = reference(ref_log)
     if d is None:
         d = compare(ref, model_trace(era, log_of(emu)), era.id, log_of(emu), ref_log)

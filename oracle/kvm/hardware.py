@@ -120,8 +120,7 @@ class GuestHw:
         special = log.specials.get(idx, _NATIVE) if idx < log.n else self._special_past_code(idx)
         attempt = self.attempts
         self.attempts += 1
-        faults = special.faults if self.exec_faults or "exec" not in special.faults else tuple(
-            f for f in special.faults if f != "exec")
+        faults = self._faults(special)
         if attempt < len(faults):
             return HwExit(HwExitKind.STAGE2, idx, detail=faults[attempt])
         kind = special.kind
@@ -161,14 +160,20 @@ class GuestHw:
             return HwExit(HwExitKind.BRK, idx, hsr_brk(decode(self.case.word_at(self.pc)).imm))
         return HwExit(HwExitKind.ENDING, idx, detail=kind)
 
+    def _faults(self, special: Special) -> tuple[str, ...]:
+        """The stage-2 faults the instruction takes on this era's KVM
+        (without "exec" where KVM maps pages executable at once)."""
+        if self.exec_faults or "exec" not in special.faults:
+            return special.faults
+        return tuple(f for f in special.faults if f != "exec")
+
     def _tcg_order(self) -> None:
         """A step is due: note what QEMU's TCG would take first (vocabulary.TCG_ORDERS)."""
         special = self.log.specials.get(self.idx)
         if special is not None:
             if special.kind == Meets.EXCEPTION and special.detail in ("irq", "fiq"):
                 self.why.append(IRQ_WITH_STEP_DUE)
-            elif special.faults[self.attempts:self.attempts + 1] == ("fetch",) or (
-                    self.exec_faults and special.faults[self.attempts:self.attempts + 1] == ("exec",)):
+            elif self._faults(special)[self.attempts:self.attempts + 1] in (("fetch",), ("exec",)):
                 self.why.append(FETCH_FAULT_WITH_STEP_DUE)
 
     def _unmodelled(self, idx: int, why: str) -> HwExit:

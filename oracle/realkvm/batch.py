@@ -329,7 +329,7 @@ def difference(model: Trace, real: RealTrace) -> Difference | None:
     d = _first_difference(model, real)
     if d is None:
         return None
-    for i, s in enumerate(model.stops[:d.stop + 1]):
+    for s in model.stops[:d.stop + 1]:
         race = next((w for w in s.why if w in TCG_ORDERS), None)
         if race is not None:
             return Difference(d.stop, d.what, tcg_order(TCG_ORDERS[race]))
