@@ -308,14 +308,23 @@ static int setup_fail(const struct casedef *c, struct vm *v, const char *what)
 	return -1;
 }
 
+/* Where handler i's words begin, and just past its last. */
+static uint64_t handler_first(const struct casedef *c, int i)
+{
+	return c->vbar + c->handler[i].offset;
+}
+
+static uint64_t handler_end(const struct casedef *c, int i)
+{
+	return handler_first(c, i) + 4ULL * (uint64_t)c->handler[i].nwords;
+}
+
 /* Is `pc` one of a handler's words (its first to its last)? */
 static int in_handler(const struct casedef *c, uint64_t pc)
 {
-	for (int i = 0; c->has_vectors && i < c->nhandlers; i++) {
-		uint64_t first = c->vbar + c->handler[i].offset;
-		if (pc >= first && pc < first + 4ULL * (uint64_t)c->handler[i].nwords)
+	for (int i = 0; c->has_vectors && i < c->nhandlers; i++)
+		if (pc >= handler_first(c, i) && pc < handler_end(c, i))
 			return 1;
-	}
 	return 0;
 }
 
@@ -324,11 +333,9 @@ static int exec_page(const struct casedef *c, uint64_t page, uint64_t end_code)
 {
 	if (page + PAGE > c->base && page < end_code + 4)
 		return 1;
-	for (int i = 0; c->has_vectors && i < c->nhandlers; i++) {
-		uint64_t first = c->vbar + c->handler[i].offset;
-		if (page + PAGE > first && page < first + 4ULL * (uint64_t)c->handler[i].nwords)
+	for (int i = 0; c->has_vectors && i < c->nhandlers; i++)
+		if (page + PAGE > handler_first(c, i) && page < handler_end(c, i))
 			return 1;
-	}
 	return 0;
 }
 
@@ -675,7 +682,7 @@ static int write_handlers(const struct casedef *c, struct vm *v)
 {
 	for (int i = 0; c->has_vectors && i < c->nhandlers; i++) {
 		const struct handler *h = &c->handler[i];
-		uint64_t first = c->vbar + h->offset, last = first + 4ULL * (uint64_t)h->nwords;
+		uint64_t first = handler_first(c, i), last = handler_end(c, i);
 		const struct region *r = NULL;
 		for (int k = 0; k < c->nreg && !r; k++)
 			if (c->reg[k].kind == R_RAM && first >= c->reg[k].base && last <= c->reg[k].base + c->reg[k].size)
