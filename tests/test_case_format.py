@@ -87,3 +87,37 @@ def test_shipped_corpus_is_valid():
     for f in files:
         case = load_case(f)
         assert case.name and case.expect, f
+
+
+def test_the_contracts_extension_example_loads():
+    """../shared/docs/case-format.md, "Extensions": the example as written
+    there loads under its names (its program `...` stands for any code, and
+    the memory it leaves out is the base format's)."""
+    example = {
+        "stepfuzz": 1,
+        "code": {"base": "0x10000", "asm": "nop\nnop"},
+        "regs": {"x2": "0x20000000", "daif": "0x2c0"},
+        "memory": [{"base": "0x10000", "size": "0x10000", "kind": "ram"},
+                   {"base": "0x20000000", "size": "0x1000", "kind": "mmio"}],
+        "vectors": {"base": "0x18000", "sync": "mrs x9, elr_el1\nadd x9, x9, #4\nmsr elr_el1, x9\neret",
+                    "irq": "str x0, [x2]\neret"},
+        "smccc_forward": [["0xc2000000", 16]],
+        "hypercall_result": "0x5",
+        "nisv": "end",
+        "events": [
+            {"when": "start", "what": "irq-line", "line": "irq", "level": 1},
+            {"when": "mmio-exit", "n": 1, "what": "irq-line", "line": "irq", "level": 0},
+            {"when": "eintr", "n": 1, "what": "set-reg", "reg": "pc", "value": "0x10010"},
+            {"when": "hypercall-exit", "n": 1, "what": "debug", "control": "continue", "hw-bp": ["0x10020"]},
+            {"when": "stop", "n": 3, "what": "debug", "control": "step"},
+            {"when": "system-event", "n": 1, "what": "vcpu-init"},
+        ],
+    }
+    c = parse_case(example, "contract")
+    assert c.vectors.base == 0x18000 and [k for k, _, _ in c.vectors.handlers] == ["sync", "irq"]
+    assert dict(c.el1_regs) == {"daif": 0x2C0} and c.smccc_forward == ((0xC2000000, 16),)
+    assert c.hypercall_result == 5 and c.nisv == "end"
+    assert [(e.when, e.what) for e in c.events] == [
+        ("start", "irq-line"), ("mmio-exit", "irq-line"), ("eintr", "set-reg"), ("hypercall-exit", "debug"),
+        ("stop", "debug"), ("system-event", "vcpu-init")]
+    assert c.events[3].hw_bp == (0x10020,) and c.events[0].line == "irq" and c.events[0].level == 1
