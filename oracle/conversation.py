@@ -139,6 +139,11 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
             if cpu.pc == case.end:
                 outcome, detail = Outcome.END, ""
                 break
+            if not case.base <= cpu.pc < case.end and cpu.pc not in case.handler_words:
+                # a stop outside the code ends the run there, as a VMM sees it:
+                # the actions meant for this stop are never taken
+                outcome, detail = Outcome.LEFT_CODE, f"a stop at {cpu.pc:#x}, outside the code"
+                break
             if cpu.retired >= case.max_steps or len(stops) >= case.max_steps:
                 outcome, detail = Outcome.MAX_STEPS, ""
                 break

@@ -189,21 +189,33 @@ class CampaignError(RuntimeError):
     """A campaign that cannot start; str() is one line."""
 
 
+def open_campaign(corpus: Path, crashes: Path, *more: Path):
+    """Create a campaign's directories and take its lock (held until the
+    process ends: the returned file); CampaignError if they cannot be
+    written or another campaign holds them."""
+    try:
+        for d in (corpus, crashes, *more):
+            d.mkdir(parents=True, exist_ok=True)
+        lock = open(crashes / ".campaign.lock", "w")
+    except OSError as e:
+        raise CampaignError(f"{e.filename or crashes}: cannot write: {e.strerror or e}") from None
+    import fcntl
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise CampaignError(f"{crashes}: another campaign is running on it (stepfuzz status {crashes})") from None
+    return lock
+
+
+def new_seed(seed: int | None) -> int:
+    return seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 2_000_000_000 + 1
+
+
 def run(cfg: Config) -> int:
     """Run a campaign; raises CampaignError if it cannot start (its
     directories cannot be written, another campaign holds them)."""
-    try:
-        for d in (cfg.corpus, cfg.crashes, cfg.crashes / "logs", cfg.crashes / "artifacts"):
-            d.mkdir(parents=True, exist_ok=True)
-        lock = open(cfg.crashes / ".campaign.lock", "w")
-    except OSError as e:
-        raise CampaignError(f"{e.filename or cfg.crashes}: cannot write: {e.strerror or e}") from None
-    import fcntl
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)      # held until this process ends
-    except OSError:
-        raise CampaignError(f"{cfg.crashes}: another campaign is running on it (stepfuzz status {cfg.crashes})") \
-            from None
+    lock = open_campaign(cfg.corpus, cfg.crashes, cfg.crashes / "logs", cfg.crashes / "artifacts")
     try:
         return _run(cfg, lock)
     except OutputError as e:
@@ -212,7 +224,7 @@ def run(cfg: Config) -> int:
 
 def _run(cfg: Config, lock) -> int:
     logs = cfg.crashes / "logs"
-    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2_000_000_000 + 1
+    seed = new_seed(cfg.seed)
     entries, warnings = scan_corpus(cfg.corpus)
     for w in warnings:
         print(f"stepfuzz: warning: {w}", file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 from stepfuzz.oracle.case import CaseError, load_case
 from stepfuzz.oracle.kvm.eras import ERAS
 
-from stepfuzz.fuzz.cli.common import (EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, add_all_rows, add_era, add_json,
+from stepfuzz.fuzz.cli.common import (EXIT_AGREE, EXIT_BAD, EXIT_DIVERGED, add_all_rows, add_cache, add_era, add_json,
                                       add_max_steps, check_max_steps, eras_arg, existing_dirs, fail,
                                       load_cases, output_dir, output_file, positive_seconds)
 from stepfuzz.fuzz.findings.crashdir import OutputError
@@ -81,10 +81,31 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         fail(f"--jobs {args.jobs}: must be 1..{most} (4 per core on this machine)")
     check_max_steps(args.max_steps)
     from stepfuzz.fuzz.campaign.supervisor import CampaignError
+    if args.kernel is not None:
+        return _fuzz_kernel(args, seconds)
+    if args.batch != 32:
+        fail("--batch is for campaigns on a real kernel (--kernel)")
     try:
         return run(Config(eras=args.era, seconds=seconds, runs=args.runs, jobs=args.jobs, corpus=Path(args.corpus),
                           crashes=Path(args.crashes), seed=args.seed, max_steps=args.max_steps,
                           code_coverage=args.code_coverage, extra=args.libfuzzer or []))
+    except CampaignError as e:
+        fail(str(e))
+
+
+def _fuzz_kernel(args: argparse.Namespace, seconds: float | None) -> int:
+    from stepfuzz.fuzz.campaign.realkernel import KernelConfig, run
+    from stepfuzz.fuzz.campaign.supervisor import CampaignError
+    if args.era != "all" or args.code_coverage or args.libfuzzer:
+        fail("--era, --code-coverage and libFuzzer flags are for in-process campaigns: a campaign on a real "
+             "kernel compares it with its own era")
+    if not 1 <= args.batch <= 1024:
+        fail(f"--batch {args.batch}: must be 1..1024")
+    try:
+        return run(KernelConfig(kernel=args.kernel, seconds=seconds, runs=args.runs, jobs=args.jobs,
+                                corpus=Path(args.corpus), crashes=Path(args.crashes), seed=args.seed,
+                                max_steps=args.max_steps, batch=args.batch, boot_timeout=args.boot_timeout,
+                                cache=args.cache))
     except CampaignError as e:
         fail(str(e))
 
@@ -305,8 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("files", nargs="+", metavar="FILE")
     cc.set_defaults(func=cmd_case_check)
 
-    f = sub.add_parser("fuzz", help="run a coverage-guided campaign (atheris/libFuzzer)")
+    f = sub.add_parser("fuzz", help="run a coverage-guided campaign (atheris/libFuzzer), or one on a real kernel "
+                                     "(--kernel)")
     add_era(f)
+    f.add_argument("--kernel", metavar="K",
+                   help="fuzz a real kernel instead of the models: 5.10, 6.1, 6.12, latest, a PATH to an arm64 "
+                        "Image/vmlinuz, or `host`; --jobs VMs, each booted once (docs/campaigns.md)")
+    f.add_argument("--batch", type=int, default=32, metavar="N", help="with --kernel: cases per batch (default 32)")
+    f.add_argument("--boot-timeout", type=positive_seconds, default=120.0, metavar="S",
+                   help="with --kernel: seconds a kernel may take to boot (default 120)")
+    add_cache(f)
     f.add_argument("--time", help="how long: 90, 30s, 5m, 8h, 1h30m (default 60s unless --runs)")
     f.add_argument("--runs", type=int, help="stop after this many executions (per worker)")
     f.add_argument("--jobs", type=int, default=1, help="parallel workers on one shared corpus")

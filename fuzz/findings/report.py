@@ -203,6 +203,13 @@ def real_trace_table(t: RealTrace, case, where: str, show_all: bool = False) -> 
     return "\n".join(lines)
 
 
+TAIL_EXITS = 8          # exits after the last stop a table shows (a guest that runs free makes thousands)
+
+
+def _more(exits: tuple) -> str:
+    return f", ... {len(exits) - TAIL_EXITS} more" if len(exits) > TAIL_EXITS else ""
+
+
 def model_vs_real_table(case, path: str, model: Trace, real: RealTrace, d, kernel: str, era: str) -> str:
     head = f"MODEL-ONLY ({d.tcg_limit})" if d.tcg_limit else "DIFFERS"
     lines = [f"{path}  {head} on {kernel} vs era {era} at stop {d.stop + 1}: {d.what}",
@@ -226,5 +233,6 @@ def model_vs_real_table(case, path: str, model: Trace, real: RealTrace, d, kerne
     lines.append(f"  end: model {model.outcome}" + (f" ({model.detail})" if model.detail else "")
                  + f", real {real.end}" + (f" ({real.detail})" if real.detail else ""))
     if model.tail or real.tail:
-        lines.append(f"  after the last stop: model [{exits_text(model.tail)}], real [{exits_text(real.tail)}]")
+        lines.append(f"  after the last stop: model [{exits_text(model.tail[:TAIL_EXITS])}"
+                     f"{_more(model.tail)}], real [{exits_text(real.tail[:TAIL_EXITS])}{_more(real.tail)}]")
     return "\n".join(lines)

@@ -30,3 +30,32 @@ def root_of(cd: CrashDir, record: DivergenceRecord) -> dict[str, Any]:
     if r.divergence is None:
         raise UnreadableRecord(cd.case, f"does not diverge on era {record.era} any more (a finding of another version)")
     return root_cause_of(r).to_json()
+
+
+# Root causes of what a real kernel showed (stepfuzz.oracle.realkvm.check.judge):
+# a confirmed divergence has its model's; the other two are named here.
+MODEL_GAP_PREFIX, REAL_PREFIX = "model-gap:", "real:"
+
+
+def root_of_verdict(v, kernel: str):
+    """The RootCause a campaign on real kernel `kernel` (its version) files
+    a Verdict under: a confirmed one is the model's divergence, attributed;
+    a model gap and a new-bug candidate are named by the era and by the kinds
+    of divergence the model and the kernel show ('none' for no divergence)."""
+    from stepfuzz.oracle.kvm.attribute import RootCause
+    from stepfuzz.oracle.realkvm.check import CONFIRMED, NEW_BUG
+    if v.verdict == CONFIRMED:
+        return root_cause_of(v.model)
+    era = v.model.era.id
+    model_kind = v.model.divergence.kind if v.model.divergence else "none"
+    real = v.kernel.divergence
+    real_kind = real.kind if real else "none"
+    if v.verdict == NEW_BUG:
+        return RootCause(f"{REAL_PREFIX}{era}/{real_kind}", real_kind, "real-kernel", (), "", (), (),
+                         f"Linux {kernel} diverges from the architecture ({real_kind}) where era {era}'s model "
+                         "predicts no divergence: a KVM behaviour no model explains")
+    return RootCause(f"{MODEL_GAP_PREFIX}{era}/{model_kind}-vs-{real_kind}", real_kind if real else model_kind,
+                     "model-gap", (), "", (), (),
+                     f"era {era}'s model shows {model_kind if model_kind != 'none' else 'the reference stops'}, "
+                     f"Linux {kernel} shows {real_kind if real else 'the reference stops'}: the model does not "
+                     "stand for this kernel (a bug in stepfuzz)")

@@ -56,6 +56,7 @@ class _Pending:
     last_seen: float = 0.0        # seconds since the epoch (formatted when flushed)
     best: Result | None = None    # the smallest confirmed case offered since the last flush
     best_root: RootCause | None = None
+    best_extra: str = ""          # what the report adds to the best case's (a real kernel's trace)
     eras: Counter = field(default_factory=Counter)          # hits per era
     signatures: Counter = field(default_factory=Counter)    # hits per per-era signature
 
@@ -66,8 +67,12 @@ class CrashStore:
     cause: `root` is what attribution (stepfuzz.oracle.kvm.attribute) made
     of each, and the directory is named after its signature."""
 
-    def __init__(self, root: Path, worker: str = "", started: float | None = None):
+    def __init__(self, root: Path, worker: str = "", started: float | None = None,
+                 target: dict[str, str] | None = None):
         self.root = Path(root)
+        # the real kernel the results come from (Kernel.mark()), None for the
+        # models: a kernel's findings get directories of their own, marked with it
+        self.target = target
         self.root.mkdir(parents=True, exist_ok=True)
         self.worker = worker or f"pid{os.getpid()}"
         self.started = started if started is not None else time.time()
@@ -76,6 +81,10 @@ class CrashStore:
         self.kept: dict[str, tuple[bool, int]] = {}   # root id -> keep_key of its kept case, as last written or read
         self.last_flush = time.monotonic()
         self.flush_every = FLUSH_EVERY_S
+
+    def id_of(self, signature: str) -> str:
+        """The directory name of a root cause (per kernel image, for a real kernel's)."""
+        return root_id(signature if self.target is None else f"{signature}@{self.target['sha256']}")
 
     def dir(self, root_id: str) -> CrashDir:
         return CrashDir.at(self.root, root_id)
@@ -86,35 +95,37 @@ class CrashStore:
         to create one (`create`)."""
         return root_id in self.seen or self.dir(root_id).is_finding()
 
-    def record(self, r: Result, root: RootCause, execs: int = 0) -> bool:
+    def record(self, r: Result, root: RootCause, execs: int = 0, extra: str = "") -> bool:
         """Keep a confirmed whole divergent result of root cause `root`; True
         if the root cause is new to the store (then it gets a directory,
-        counted as 1), else it is counted and offered as a smaller case."""
-        rid = root_id(root.signature)
-        if not self.knows(rid) and self.create(r, root, execs):
+        counted as 1), else it is counted and offered as a smaller case.
+        `extra`: text the report adds (what a real kernel showed)."""
+        rid = self.id_of(root.signature)
+        if not self.knows(rid) and self.create(r, root, execs, extra):
             return True
         self.hit(rid, r)
-        self.offer(r, root)
+        self.offer(r, root, extra)
         if self.flush_due():
             self.flush()
         return False
 
-    def create(self, r: Result, root: RootCause, execs: int = 0) -> bool:
+    def create(self, r: Result, root: RootCause, execs: int = 0, extra: str = "") -> bool:
         """A directory for the confirmed whole result `r`; False (and nothing
         written) if one exists.  Counts as its first hit."""
         d = r.divergence
         assert d is not None
-        rid = root_id(root.signature)
+        rid = self.id_of(root.signature)
         cd = self.dir(rid)
         if cd.is_finding() or not cd.claim():
             return False               # another worker or an earlier campaign has it
-        self._write_case(cd, r, root)
+        self._write_case(cd, r, root, extra)
         info = {**d.to_json(), "id": rid, "era": r.era.id, "kernels": r.era.kernels,
                 "first_seen": now_iso(), "last_seen": now_iso(), "count": 1,
                 "case_insns": len(r.case.words), "case_timed": r.case.insn_timed,
                 "first_found": {"worker": self.worker, "elapsed_s": round(time.time() - self.started, 3),
                                 "execs": execs},
-                "root_cause": root.to_json(), "eras": {r.era.id: 1}, "signatures": {d.signature: 1}}
+                "root_cause": root.to_json(), "eras": {r.era.id: 1}, "signatures": {d.signature: 1},
+                **({"kernel": self.target} if self.target is not None else {})}
         cd.write_record(DivergenceRecord.from_json(info, cd.record_path))
         self.seen.add(rid)
         self.kept[rid] = r.case.keep_key()
@@ -130,12 +141,12 @@ class CrashStore:
         p.eras[r.era.id] += 1
         p.signatures[r.divergence.signature] += 1
 
-    def offer(self, r: Result, root: RootCause) -> None:
+    def offer(self, r: Result, root: RootCause, extra: str = "") -> None:
         """A confirmed whole result of a known root cause: its case replaces
         the kept one at the next flush if it is the smallest offered and smaller."""
-        p = self.pending.setdefault(root_id(root.signature), _Pending())
+        p = self.pending.setdefault(self.id_of(root.signature), _Pending())
         if p.best is None or r.case.keep_key() < p.best.case.keep_key():
-            p.best, p.best_root = r, root
+            p.best, p.best_root, p.best_extra = r, root, extra
 
     def kept_key(self, sig_id: str) -> tuple[bool, int] | None:
         """The size of the case kept for a signature, as this store last wrote
@@ -152,16 +163,19 @@ class CrashStore:
     def flush_due(self) -> bool:
         return time.monotonic() - self.last_flush > self.flush_every
 
-    def _write_case(self, cd: CrashDir, r: Result, root: RootCause) -> None:
+    def _write_case(self, cd: CrashDir, r: Result, root: RootCause, extra: str = "") -> None:
         """case.json and report.txt of `r`, a check with whole traces."""
         d = r.divergence
         case = r.case.with_words().to_json()
         case["name"] = d.title
         # relative: the directory may be moved or merged into another
         replay = f"stepfuzz run {CrashDir.CASE} --era {r.era.id}   (in this directory)"
+        if self.target is not None:
+            replay += (f"\n        stepfuzz kvm check {CrashDir.CASE} --kernel {self.target['name']}   "
+                       f"(kernel {self.target['version']}, image sha256 {self.target['sha256'][:16]}...)")
         cd.write_case(case, f"{d.title}\nroot cause: {root.signature}\n  {root.explanation}\n"
                       f"signature on era {r.era.id}: {d.signature}\nreplay: {replay}\n\n"
-                      + result_table(r, CrashDir.CASE) + "\n")
+                      + (extra + "\n\n" if extra else "") + result_table(r, CrashDir.CASE) + "\n")
 
     def flush(self, begun: float | None = None) -> None:
         """Counts, last sightings and smaller cases of known signatures to disk.
@@ -181,7 +195,7 @@ class CrashStore:
                               eras=_added(rec.eras, p.eras), signatures=_added(rec.signatures, p.signatures))
                 if p.best is not None and p.best.case.keep_key() < rec.kept_key():
                     best = p.best
-                    self._write_case(cd, best, p.best_root)
+                    self._write_case(cd, best, p.best_root, p.best_extra)
                     # the stop, era and signature as this case shows them
                     rec = replace(rec.updated({**best.divergence.to_json(), "id": rec.id, "era": best.era.id,
                                                "kernels": best.era.kernels,

@@ -55,8 +55,11 @@ class _Shared:
         handled = set(log.specials) | self.irq_before | self.irq_after | self.signal_on_trap
         if odd:
             handled.update(i for i in range(n) if pcs[i] in odd)
-        if n and pcs[n] == end:
-            handled.add(n - 1)            # the guest stops at the end: only its last instruction reaches it
+        case = log.case
+        if n and (pcs[n] == end or not case.base <= pcs[n] < end and pcs[n] not in case.handler_words):
+            # the guest stops at the end, or outside its code (converse ends the
+            # run there): only its last instruction reaches it
+            handled.add(n - 1)
         self.run_end: list[int] = []
         for b in sorted(i for i in handled if i < n) + [n]:
             self.run_end += [b] * (b + 1 - len(self.run_end))

@@ -113,6 +113,11 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
                          detail="the guest runs past max_steps with nothing stepping: on a real kernel only a "
                                 "wall clock would stop it")
+    if ref.outcome == Outcome.LEFT_CODE and not ref.stepping_at_end:
+        # the runner sees where the guest is only at a stop
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
+                         detail="the guest leaves its code with nothing stepping: a real kernel runs on wherever "
+                                "it went, and no stop shows where")
     if ref.outcome == Outcome.UNSUPPORTED:
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{ref.outcome}", detail=ref.detail)
     if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
@@ -194,6 +199,10 @@ class Parser:
         self.exec_status: str | None = None
         self._exits: list[Exit] = []
         self._records = 0
+
+    def start_batch(self, sources: dict[int, str]) -> None:
+        """A new batch on the same runner: its cases' sources, no traces yet."""
+        self.sources, self.traces, self.current, self.done = sources, {}, None, False
 
     def feed(self, raw: str) -> None:
         m = LINE.match(raw.rstrip("\r\n").lstrip("\r"))

@@ -1,15 +1,33 @@
 """A real kernel against the era model that stands for it, case by case:
-the library behind `stepfuzz kvm check` and triage's real-kernel column."""
+the library behind `stepfuzz kvm check`, triage's real-kernel column and
+campaigns on real kernels.
+
+A real trace is judged twice (`judge`): against the era model (does the
+model stand for this kernel?) and against the reference (does the kernel
+step as the architecture does?).  The four answers are the verdicts a
+campaign keeps:
+
+    model  reference
+    same   same       agrees: nothing to keep
+    same   differs    confirmed: a KVM divergence the era model explains
+    differs same      model gap: the model predicts what the kernel does not do
+    differs differs   new-bug candidate when the model predicted no divergence
+                      (a KVM divergence no model explains), else a model gap
+A difference from the model where QEMU's TCG cannot show what hardware does
+is model-only, and no verdict.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..case import Case
+from ..compare import Divergence, compare
 from ..kvm.eras import Era
 from ..run import Result, check
-from ..trace import Trace
-from .batch import Difference, RealTrace, difference
+from ..trace import RefTrace, Trace
+from ..vocabulary import DivergenceKind, Outcome
+from .batch import MODEL_END_AS_REAL, Difference, RealTrace, difference
 from .kernels import Kernel
 from .vm import BOOT_TIMEOUT, RunStats, run_cases
 
@@ -46,11 +64,74 @@ def compare_on_kernel(cases: list[tuple[str, Case]], kernel: Kernel | None, era:
                       ) -> tuple[list[Comparison], RunStats]:
     """Run `cases` on `kernel` (one boot) and compare each real trace with `era`'s model."""
     traces, stats = run_cases(cases, kernel, root, boot_timeout, era=era)
-    out = []
-    for (source, case), real in zip(cases, traces):
-        if not real.compared or real.failed:
-            out.append(Comparison(source, case, real))
-            continue
-        (result,) = check(case, [era])
-        out.append(Comparison(source, case, real, result, difference(result.model, real)))
-    return out, stats
+    return [compare_one(source, case, real, era) for (source, case), real in zip(cases, traces)], stats
+
+
+# ---------------------------------------------------------------- verdicts
+
+AGREES, CONFIRMED, MODEL_GAP, NEW_BUG = "agrees", "confirmed", "model-gap", "new-bug-candidate"
+REAL_END_AS_MODEL = {real: model for model, real in MODEL_END_AS_REAL.items()}
+
+
+def as_trace(real: RealTrace) -> Trace:
+    """A real trace in the models' terms (its steps inferred), so that the
+    comparator can name what the kernel did wrong."""
+    return Trace(list(real.stops), REAL_END_AS_MODEL.get(real.end, real.end), real.detail, tail=real.tail)
+
+
+def kvm_divergence(ref: RefTrace, era: str, real: RealTrace) -> Divergence | None:
+    """How the kernel differs from the reference (None: it steps as the
+    architecture does).  Where every stop is at the reference's PC, what
+    differs is the exits (the guest's state, as an MMIO value shows it) or
+    the ending; otherwise the comparator names it from the inferred steps."""
+    d = difference(Trace(ref.stops, ref.outcome, ref.detail, tail=ref.tail), real)
+    if d is None:
+        return None
+    what = d.what.replace("(model)", "(reference)")
+    if [s.pc for s in real.stops] == ref.pcs:
+        kind = DivergenceKind.STATE if "exit" in what else DivergenceKind.OUTCOME
+        return Divergence(era, kind, d.stop, "real", ref.stop_at(d.stop) if d.stop < len(ref.pcs) else None,
+                          real.stops[d.stop] if d.stop < len(real.stops) else None, detail=what)
+    c = compare(ref, as_trace(real), era) or Divergence(era, DivergenceKind.PC_MISMATCH, d.stop, "", None, None)
+    return Divergence(era, c.kind, c.stop, "real", c.expected, c.got, what)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One compared case: the model's result, the kernel's (as a Result whose
+    trace is the real one), and what the two say together."""
+    comparison: Comparison
+    kernel: Result            # the real trace against the reference
+    verdict: str              # AGREES, CONFIRMED, MODEL_GAP, NEW_BUG, or "model-only"
+
+    @property
+    def model(self) -> Result:
+        assert self.comparison.result is not None
+        return self.comparison.result
+
+
+def judge(c: Comparison) -> Verdict | None:
+    """The verdict on a compared case (None if it was not compared or failed)."""
+    if c.status in ("not-compared", "error"):
+        return None
+    model = c.result
+    assert model is not None
+    kernel = Result(c.case, model.era, model.log, model.reference, as_trace(c.real),
+                    kvm_divergence(model.reference, model.era.id, c.real))
+    if c.status == "model-only":
+        verdict = "model-only"
+    elif c.status == "identical":
+        verdict = CONFIRMED if model.divergence is not None else AGREES
+    elif kernel.divergence is not None and model.divergence is None:
+        verdict = NEW_BUG
+    else:
+        verdict = MODEL_GAP
+    return Verdict(c, kernel, verdict)
+
+
+def compare_one(source: str, case: Case, real: RealTrace, era: Era) -> Comparison:
+    """A real trace of `case` (steps inferred) against `era`'s model."""
+    if not real.compared or real.failed:
+        return Comparison(source, case, real)
+    (result,) = check(case, [era])
+    return Comparison(source, case, real, result, difference(result.model, real))

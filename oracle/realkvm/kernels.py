@@ -76,6 +76,11 @@ class Kernel:
     path: Path
     version: str              # upstream version (e.g. 6.1.192), "" if unknown
     release: str              # uname -r (e.g. 6.1.0-56-arm64), "" if unknown
+    sha256: str = ""          # of the image file: which kernel a finding was seen on
+
+    def mark(self) -> dict[str, str]:
+        """What a finding records of the kernel it was seen on."""
+        return {"name": self.name, "version": self.version, "release": self.release, "sha256": self.sha256}
 
     @property
     def era(self) -> str | None:
@@ -92,7 +97,7 @@ def resolve(spec: str, root: Path | None = None) -> Kernel:
         problem = corrupt(meta)
         if problem:
             raise RealKvmError(f"kernel {spec}: {problem}: run `stepfuzz kernels fetch {spec}` to fetch it again")
-        return Kernel(spec, Path(meta["path"]), meta["version"], meta["uname"])
+        return Kernel(spec, Path(meta["path"]), meta["version"], meta["uname"], meta["sha256"])
     path = Path(spec).expanduser()
     if not path.is_file():
         names = ", ".join(RELEASES)
@@ -100,7 +105,7 @@ def resolve(spec: str, root: Path | None = None) -> Kernel:
     release, version = banner_version(path)
     if not release:
         raise RealKvmError(f"--kernel {spec}: not a Linux kernel image (no 'Linux version' banner in it)")
-    return Kernel(spec, path.resolve(), version, release)
+    return Kernel(spec, path.resolve(), version, release, file_sha256(path))
 
 
 HOST = "host"                 # a --kernel name: this arm64 machine's own KVM
@@ -195,13 +200,17 @@ def corrupt(meta: dict) -> str:
     want = meta.get("sha256")
     if not isinstance(want, str):
         return "its kernel.json records no sha256"
-    h = hashlib.sha256()
-    with open(meta["path"], "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    got = h.hexdigest()
+    got = file_sha256(Path(meta["path"]))
     return "" if got == want else (f"the cached image {meta['path']} is corrupt (sha256 {got[:16]}..., "
                                    f"{want[:16]}... when fetched)")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cached(root: Path | None = None) -> list[dict]:

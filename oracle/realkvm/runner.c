@@ -2,13 +2,15 @@
  * stepfuzz real-KVM runner: a minimal VMM that single-steps each case of a
  * batch in a fresh VM and prints what KVM_RUN returned.
  *
- * It runs as /init of an initramfs inside an arm64 kernel booted under QEMU
- * (no argument), or natively on an arm64 host with /dev/kvm (argument: the
- * batch file).  As /init with /prog present it runs that program instead
- * (exec mode).  Only libc and <linux/kvm.h>.
+ * It runs as /init of an initramfs inside an arm64 kernel booted under QEMU,
+ * or natively on an arm64 host with /dev/kvm.  Either way it serves batches
+ * read from standard input (the serial console under QEMU, put in raw mode;
+ * a pipe natively), one after another, so one boot serves a whole campaign;
+ * `quit` or the end of input powers off.  As /init with /prog present it
+ * runs that program instead (exec mode).  Only libc and <linux/kvm.h>.
  *
  * Input (written by oracle/realkvm/batch.py), whitespace-separated tokens:
- *   stepfuzz-batch 1
+ *   stepfuzz-batch 1                (or quit)
  *   case ID BASE MAX_STEPS TIMEOUT_MS MMIO_READ
  *   reg INDEX VALUE                 (0..30 = x0..x30, 31 = sp_el1)
  *   region KIND BASE SIZE PREFAULT  (KIND: ram | mmio | mmio-kernel)
@@ -25,11 +27,13 @@
  *                                    irq-line irq|fiq LEVEL)
  *   words COUNT W1 W2 ...
  *   go                              (run the case described since `case`)
- *   end
+ *   end                             (the batch is over: the runner says `done`)
  * Output: lines "@@sf ..." (see docs/real-kvm.md); anything else on the
  * console is the kernel's.
  */
 #include "vmm.c"
+
+#include <termios.h>
 
 /* ------------------------------------------------------------ input */
 
@@ -58,19 +62,16 @@ static uint64_t number(FILE *f)
 
 /* ------------------------------------------------------------ the batch */
 
-static int run_batch(const char *path)
+/* One batch from f: 0 when it is done, 1 on `quit` or the end of input, 2 on bad input. */
+static int run_batch(FILE *f)
 {
 	static struct casedef c;
 	char tok[64];
-	FILE *f = fopen(path, "r");
 
-	if (!f) {
-		out("fatal cannot open %s: %s", path, strerror(errno));
-		return 2;
-	}
-	token(f, tok, sizeof(tok));
+	if (!token(f, tok, sizeof(tok)) || !strcmp(tok, "quit"))
+		return 1;
 	if (strcmp(tok, "stepfuzz-batch") != 0 || number(f) != 1) {
-		out("fatal %s is not a stepfuzz batch (version 1)", path);
+		out("fatal the input is not a stepfuzz batch (version 1)");
 		return 2;
 	}
 	while (token(f, tok, sizeof(tok))) {
@@ -105,8 +106,6 @@ static int run_batch(const char *path)
 			    !strcmp(name, "esr_el1") ? EL1_ESR : !strcmp(name, "far_el1") ? EL1_FAR : -1;
 			if (i < 0) {
 				out("fatal unknown EL1 register '%s'", name);
-				flush_out();
-				fclose(f);
 				return 2;
 			}
 			c.el1[i] = value;
@@ -185,15 +184,32 @@ static int run_batch(const char *path)
 			break;
 		} else {
 			out("fatal unknown batch token '%s'", tok);
-			flush_out();
-			fclose(f);
 			return 2;
 		}
 	}
-	fclose(f);
 	out("done");
 	flush_out();
 	return 0;
+}
+
+/* Serve batches from standard input until `quit` or its end. */
+static int serve(void)
+{
+	struct termios t;
+	int rc;
+
+	/* the console: no echo, no line editing, no signals from bytes, no CR/LF games */
+	if (tcgetattr(0, &t) == 0) {
+		cfmakeraw(&t);
+		tcsetattr(0, TCSANOW, &t);
+	}
+	if (open_kvm() < 0)
+		return 2;
+	flush_out();                 /* `ready`: the host writes nothing before it */
+	while ((rc = run_batch(stdin)) == 0)
+		;
+	flush_out();
+	return rc == 1 ? 0 : rc;
 }
 
 /* ------------------------------------------------------------ exec mode and /init */
@@ -303,13 +319,12 @@ int main(int argc, char **argv)
 		init_system();
 	setup_signals();
 
-	if (as_init && access("/prog", X_OK) == 0) {
+	(void)argc;
+	(void)argv;
+	if (as_init && access("/prog", X_OK) == 0)
 		rc = exec_prog();
-	} else if (open_kvm() < 0) {
-		rc = 2;
-	} else {
-		rc = run_batch(argc > 1 ? argv[1] : "/cases");
-	}
+	else
+		rc = serve();
 	flush_out();
 	if (as_init) {
 		sync();

@@ -1,7 +1,7 @@
 """Build the runner and its initramfs, boot a kernel under QEMU (or run
 natively on an arm64 host with /dev/kvm), stream the console, and never hang.
 
-One boot runs a whole batch.  Whatever goes wrong (boot timeout, kernel
+One boot serves batch after batch (a Session).  Whatever goes wrong (boot timeout, kernel
 panic, runner crash, a case that never ends), QEMU is killed, finished
 cases keep their results and every unfinished case becomes an error that
 carries the console's last lines.
@@ -114,6 +114,8 @@ def base_initramfs(runner: Path) -> Path:
 
 def initramfs(runner: Path, files: dict[str, bytes], into: Path) -> Path:
     """The cached base archive followed by one with `files` (the kernel unpacks both)."""
+    if not files:
+        return base_initramfs(runner)
     extra = cpio([(name, 0o100755 if name == "prog" else 0o100644, data, (0, 0)) for name, data in files.items()])
     out = into / "initrd.img"
     out.write_bytes(base_initramfs(runner).read_bytes() + gzip.compress(extra, 1))
@@ -131,20 +133,39 @@ class RunStats:
 
 
 class Console:
-    """Reads a child's output line by line with deadlines; keeps the tail."""
+    """A child's output, line by line with deadlines (keeping the tail), and
+    its input, written only as fast as it reads: a guest that is busy
+    printing results must never wait on us while we wait to write to it."""
 
     def __init__(self, proc: subprocess.Popen[bytes]):
         self.proc = proc
         self.fd = proc.stdout.fileno() if proc.stdout else -1
+        self.in_fd = proc.stdin.fileno() if proc.stdin else -1
+        if self.in_fd >= 0:
+            os.set_blocking(self.in_fd, False)
         self.partial = b""
+        self.pending = b""                # input not written yet
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.eof = False
 
+    def send(self, data: bytes) -> None:
+        self.pending += data
+
     def lines(self, timeout: float) -> list[str]:
-        """Complete lines that arrive within `timeout` seconds (maybe none)."""
+        """Complete lines that arrive within `timeout` seconds (maybe none);
+        pending input is written meanwhile."""
         if self.eof:
             return []
-        ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        writing = [self.in_fd] if self.pending and self.in_fd >= 0 else []
+        ready, can_write, _ = select.select([self.fd], writing, [], max(0.0, timeout))
+        if can_write:
+            try:
+                n = os.write(self.in_fd, self.pending[:1 << 16])
+                self.pending = self.pending[n:]
+            except BlockingIOError:
+                pass
+            except OSError:               # the child is gone: its output says how
+                self.pending = b""
         if not ready:
             return []
         chunk = os.read(self.fd, 1 << 16)
@@ -172,61 +193,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def _stream(proc: subprocess.Popen[bytes], parser: Parser, budgets: dict[int, float], boot_timeout: float,
-            stats: RunStats, on_line: Callable[[str], None] | None = None) -> Console:
-    """Feed the parser until the runner is done, the child exits or a deadline passes."""
-    con = Console(proc)
-    start = time.monotonic()
-    deadline = start + boot_timeout
-    overall = deadline + sum(budgets.values()) + GRACE * (len(budgets) + 1)
-    last_case: int | None = None
-    while True:
-        now = time.monotonic()
-        if now > min(deadline, overall):
-            stats.problem = "boot-timeout" if not parser.ready else "host-timeout"
-            break
-        for line in con.lines(min(deadline, overall) - now):
-            if on_line:
-                on_line(line)
-            was_ready = parser.ready
-            parser.feed(line)
-            if "Kernel panic" in line:
-                stats.problem = stats.problem or "kernel-panic"
-            if parser.ready and not was_ready:
-                stats.boot_seconds = time.monotonic() - start
-        now = time.monotonic()
-        if parser.fatal:
-            stats.problem = "runner: " + parser.fatal
-            break
-        if parser.done or parser.exec_status is not None:
-            break
-        if con.eof:
-            stats.problem = stats.problem or ("vm-exited" if parser.ready else "boot-failed")
-            break
-        if parser.ready and parser.current != last_case:
-            # a case began (or ended): give it its own budget from now
-            last_case = parser.current
-            deadline = now + (budgets.get(last_case, 0.0) if last_case is not None else 0.0) + GRACE
-    # Let QEMU power off by itself after a clean end; kill it otherwise.
-    if not stats.problem:
-        try:
-            proc.wait(timeout=GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-    _stop(proc)
-    stats.seconds = time.monotonic() - start
-    return con
-
-
 def _child(kernel: Kernel | None, runner: Path, files: dict[str, bytes], tmp: Path) -> subprocess.Popen[bytes]:
-    if kernel is None:
-        batch = tmp / "cases"
-        batch.write_bytes(files["cases"])
-        argv = [str(runner), str(batch)]
-    else:
-        argv = qemu_command(kernel.path, initramfs(runner, files, tmp))
-    # QEMU (or the native runner) dies with this process, even by SIGKILL
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    argv = [str(runner)] if kernel is None else qemu_command(kernel.path, initramfs(runner, files, tmp))
+    # QEMU (or the native runner) dies with this thread, even by SIGKILL
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
 
 
@@ -244,7 +214,139 @@ def check_tools(kernel: Kernel | None) -> None:
         need_tool(QEMU, QEMU_PACKAGE)
 
 
+class VmFailure(RealKvmError):
+    """A session that cannot go on (did not boot, panicked, hung, exited);
+    `problem` is the short reason, str() one line, `console` the tail."""
+
+    def __init__(self, problem: str, console: str):
+        self.problem, self.console = problem, console
+        super().__init__(f"{problem}: {last_line(console, 'nothing on the console')}")
+
+
+class Session:
+    """One boot of a kernel (or the native runner) serving batch after batch.
+
+    start() boots and waits for the runner; run() sends a batch and collects
+    its traces; close() powers off.  A session that fails (boot timeout,
+    panic, a case that never ends, the VM gone) is dead: run() returns what
+    had finished and the problem, and the caller starts another.  The child
+    dies with the thread that started it, even by SIGKILL."""
+
+    def __init__(self, kernel: Kernel | None, root: Path | None = None, boot_timeout: float = BOOT_TIMEOUT,
+                 echo: Callable[[str], None] | None = None, files: dict[str, bytes] | None = None):
+        check_tools(kernel)
+        self.kernel, self.boot_timeout, self.echo = kernel, boot_timeout, echo
+        self.runner = build_runner(root, for_native=kernel is None)
+        self.files = files or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.con: Console | None = None
+        self.parser = Parser({})
+        self.boot_seconds: float | None = None
+        self.problem = ""
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.problem
+
+    def start(self, extra_s: float = 0.0) -> None:
+        """Boot; VmFailure if the runner is not ready within the boot timeout
+        (in exec mode: the program has not ended within it plus `extra_s`)."""
+        self._tmp = tempfile.TemporaryDirectory(prefix="stepfuzz-kvm-")
+        t0 = time.monotonic()
+        self.proc = _child(self.kernel, self.runner, self.files, Path(self._tmp.name))
+        self.con = Console(self.proc)
+        if "prog" in self.files:
+            self._pump(lambda: self.parser.exec_status is not None, t0 + self.boot_timeout + extra_s,
+                       "timeout")
+        else:
+            self._pump(lambda: self.parser.ready, t0 + self.boot_timeout, "boot-timeout")
+        if self.problem:
+            tail = self.con.tail_text()
+            self.close()
+            raise VmFailure(self.problem, tail)
+        self.boot_seconds = time.monotonic() - t0
+
+    def _pump(self, done: Callable[[], bool], deadline: float, late: str,
+              on_case: Callable[[], float] | None = None) -> None:
+        """Feed the parser until done(), a failure or the deadline (then the
+        problem is `late`).  on_case: called when a case begins or ends,
+        returns that case's deadline."""
+        assert self.con is not None
+        last_case = self.parser.current
+        while not done():
+            now = time.monotonic()
+            if now > deadline:
+                self.problem = late
+                return
+            for line in self.con.lines(min(deadline - now, 1.0)):
+                if self.echo:
+                    self.echo(line)
+                self.parser.feed(line)
+                if "Kernel panic" in line:
+                    self.problem = "kernel-panic"
+            if self.parser.fatal:
+                self.problem = "runner: " + self.parser.fatal
+            elif self.con.eof and not done():
+                self.problem = self.problem or ("vm-exited" if self.parser.ready else "boot-failed")
+            if self.problem:
+                return
+            if on_case is not None and self.parser.current != last_case:
+                last_case = self.parser.current
+                deadline = on_case()
+
+    def run(self, send: list[tuple[int, Case]], sources: dict[int, str] | None = None
+            ) -> tuple[dict[int, RealTrace], str]:
+        """Run one batch ((id, case) pairs): the traces of the cases that
+        ended, and '' or the problem that killed the session."""
+        assert self.con is not None and self.alive
+        self.parser.start_batch(sources or {i: str(i) for i, _ in send})
+        budgets = {i: case_timeout_ms(case) / 1000 for i, case in send}
+        self.con.send(encode(send).encode())
+
+        def case_deadline() -> float:
+            cur = self.parser.current
+            return time.monotonic() + (budgets.get(cur, 0.0) if cur is not None else 0.0) + GRACE
+
+        self._pump(lambda: self.parser.done, time.monotonic() + GRACE + (max(budgets.values()) if budgets else 0),
+                   "host-timeout", case_deadline)
+        finished = {i: t for i, t in self.parser.traces.items() if t.end}
+        return finished, self.problem
+
+    def close(self) -> None:
+        """Power off (a clean `quit`, then a kill if need be); never raises."""
+        if self.proc is not None:
+            if self.alive and self.con is not None:
+                self.con.send(b"quit\n")
+                end = time.monotonic() + GRACE
+                while not self.con.eof and time.monotonic() < end:
+                    self.con.lines(end - time.monotonic())
+            _stop(self.proc)
+            self.proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ---------------------------------------------------------------- public entry points
+
+UNFINISHED = "the run stopped before this case ended"
+
+
+def unfinished(t: RealTrace | None, source: str, problem: str, console: str) -> RealTrace:
+    """The trace of a case a failed session did not finish."""
+    t = t or RealTrace(source)
+    t.end = f"error:{problem or 'vm-exited'}"
+    t.detail = UNFINISHED
+    t.console = console
+    return t
+
 
 def run_cases(cases: list[tuple[str, Case]], kernel: Kernel | None, root: Path | None = None,
               boot_timeout: float = BOOT_TIMEOUT, echo: Callable[[str], None] | None = None,
@@ -253,25 +355,29 @@ def run_cases(cases: list[tuple[str, Case]], kernel: Kernel | None, root: Path |
     boot for all.  With `era` (the kernel's), a case that needs a KVM feature
     the era lacks is not sent."""
     check_tools(kernel)
-    runner = build_runner(root, for_native=kernel is None)
     logs = [execute(case) for _, case in cases]
     traces: list[RealTrace | None] = [skip_reason(case, log, era) for (_, case), log in zip(cases, logs)]
     send = [(i, case) for i, (_, case) in enumerate(cases) if traces[i] is None]
     stats = RunStats(sent=len(send))
+    t0 = time.monotonic()
     if send:
-        parser = Parser({i: cases[i][0] for i, _ in send})
-        budgets = {i: case_timeout_ms(case) / 1000 for i, case in send}
-        with tempfile.TemporaryDirectory(prefix="stepfuzz-kvm-") as tmp:
-            proc = _child(kernel, runner, {"cases": encode(send).encode()}, Path(tmp))
-            con = _stream(proc, parser, budgets, boot_timeout, stats, echo)
+        session = Session(kernel, root, boot_timeout, echo)
+        finished: dict[int, RealTrace] = {}
+        console = ""
+        try:
+            session.start()
+            stats.boot_seconds = session.boot_seconds
+            finished, stats.problem = session.run(send, {i: cases[i][0] for i, _ in send})
+            console = session.con.tail_text() if session.con else ""
+        except VmFailure as e:
+            stats.problem, console = e.problem, e.console
+        finally:
+            session.close()
         for i, _ in send:
-            t = parser.traces.get(i)
-            if t is None or not t.end:
-                t = t or RealTrace(cases[i][0])
-                t.end = f"error:{stats.problem or 'vm-exited'}"
-                t.detail = "the run stopped before this case ended"
-                t.console = con.tail_text()
-            traces[i] = t
+            t = finished.get(i)
+            traces[i] = t if t is not None else unfinished(session.parser.traces.get(i), cases[i][0],
+                                                           stats.problem, console)
+    stats.seconds = time.monotonic() - t0
     out: list[RealTrace] = []
     for t, log, (source, _) in zip(traces, logs, cases):
         assert t is not None
@@ -290,10 +396,6 @@ def run_program(program: Path, kernel: Kernel | None, root: Path | None = None,
         except OSError as e:
             raise RealKvmError(f"{program}: cannot run it: {e.strerror}") from None
         return p.returncode, RunStats(), ""
-    check_tools(kernel)
-    runner = build_runner(root)
-    parser = Parser({})
-    stats = RunStats()
     relaying = False
 
     def relay(line: str) -> None:
@@ -306,13 +408,19 @@ def run_program(program: Path, kernel: Kernel | None, root: Path | None = None,
             sys.stdout.write(line[2:] + "\n")
             sys.stdout.flush()
 
-    parser.ready = True          # exec mode has no ready line; the boot budget still applies
-    with tempfile.TemporaryDirectory(prefix="stepfuzz-exec-") as tmp:
-        proc = _child(kernel, runner, {"prog": program.read_bytes()}, Path(tmp))
-        con = _stream(proc, parser, {0: timeout}, boot_timeout + timeout, stats, relay)
-    status = parser.exec_status or ""
+    session = Session(kernel, root, boot_timeout, relay, files={"prog": program.read_bytes()})
+    stats = RunStats()
+    t0 = time.monotonic()
+    try:
+        session.start(extra_s=timeout)
+    except VmFailure as e:
+        stats.problem, stats.seconds = e.problem, time.monotonic() - t0
+        return -1, stats, e.console
+    status = session.parser.exec_status or ""
+    session.close()
+    stats.seconds = time.monotonic() - t0
     if status.startswith("status "):
         return int(status.split()[1]), stats, ""
     if status.startswith("signal "):
         return 128 + int(status.split()[1]), stats, ""
-    return -1, stats, con.tail_text()
+    return -1, stats, "(no exit status)"

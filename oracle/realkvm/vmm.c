@@ -572,6 +572,9 @@ static int step_loop(const struct casedef *c, struct vm *v, uint64_t end_code)
 			}
 			if (set_one(v->vcpu, e->reg, e->value) < 0)
 				return setup_fail(c, v, "KVM_SET_ONE_REG (set-reg)");
+			/* a written PC is where the guest goes on: outside its code, the run is over */
+			if (e->reg == REG_INDEX_PC && (e->value < c->base || e->value > end_code) && !in_handler(c, e->value))
+				return end_case(c, v, ENDED_LEFT_CODE, ""), 0;
 		}
 		if ((flags & DO_PREEMPT) && migrate() < 0)
 			out("%ld note preempt: cannot move to another CPU (%s)", c->id, strerror(errno));
