@@ -116,9 +116,14 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
                         counts["eintr"] += 1
                         pending += schedule.at("eintr", counts["eintr"])
                     kernel.set_one_reg(e.reg, e.value)
+                    if e.reg == "pc" and not case.base <= e.value <= case.end and e.value not in case.handler_words:
+                        # the guest would go on outside its code: the run is over,
+                        # and the actions after this one are never taken
+                        outcome, detail = Outcome.LEFT_CODE, f"the VMM wrote pc = {e.value:#x}, outside the code"
+                        break
             else:
                 cpu.why.extend(names)
-            if outcome == Outcome.UNSUPPORTED:
+            if outcome in (Outcome.UNSUPPORTED, Outcome.LEFT_CODE):
                 break
         ret = kernel.ioctl_run(immediate_exit=immediate, preempt=preempt)
         mmio_open = False

@@ -97,6 +97,7 @@ class VmWorker(threading.Thread):
         self.session: realvm.Session | None = None
         self.boots = self.restarts = self.boot_failures = 0
         self.boot_seconds = 0.0
+        self.time = Counter()       # seconds: batch (as the host waits), guest_batch, guest_cases, kvm_run
         self.fatal = ""
 
     def run(self) -> None:
@@ -147,7 +148,13 @@ class VmWorker(threading.Thread):
                 return out
             s = self.session
             assert s is not None
+            t0 = time.monotonic()
             traces, problem = s.run(pending)
+            self.time["batch"] += time.monotonic() - t0
+            if len(s.parser.timing) == 3:
+                run_us, cases_us, batch_us = s.parser.timing
+                self.time.update({"kvm_run": run_us / 1e6, "guest_cases": cases_us / 1e6,
+                                  "guest_batch": batch_us / 1e6})
             out.update(traces)
             if not problem:
                 break
@@ -259,6 +266,7 @@ class Tally:
         self.verdicts: Counter = Counter()       # agrees, confirmed, model-gap, new-bug-candidate, model-only
         self.not_sent: Counter = Counter()       # why generated cases were not sent
         self.errors: Counter = Counter()         # how the failed ones ended
+        self.host_s = 0.0                        # generating, running the models, judging (the main thread)
         self.unstable = 0
 
 
@@ -417,12 +425,16 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
                 "restarts": sum(w.restarts for w in workers), "boots": sum(w.boots for w in workers),
                 "boot_s": round(sum(w.boot_seconds for w in workers), 1),
                 "statuses": dict(tally.statuses), "verdicts": dict(tally.verdicts),
-                "not_sent": sum(tally.not_sent.values())}
+                "not_sent": sum(tally.not_sent.values()), "host_s": round(tally.host_s, 1),
+                **{f"vm_{k}_s": round(sum(w.time[k] for w in workers), 1)
+                   for k in ("batch", "guest_batch", "guest_cases", "kvm_run")}}
 
     try:
         while True:
             while want_more() and len(jobs) < QUEUED_PER_WORKER * cfg.jobs:
+                t0 = time.monotonic()
                 built = build()
+                tally.host_s += time.monotonic() - t0
                 if built is None:
                     break
                 job, cases = built
@@ -439,9 +451,11 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
                 fatal = fatal or worker.fatal
             if job is not None:
                 _, cases = jobs.pop(job.number)
+                t0 = time.monotonic()
                 for i, (case, log) in cases.items():
                     if i in traces:
                         judge_one(case, log, traces[i])
+                tally.host_s += time.monotonic() - t0
             if fatal and not any(w.is_alive() and not w.fatal for w in workers):
                 break
             if stopping and time.monotonic() - stopping[0] > STOP_GRACE_S:
@@ -472,6 +486,7 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
         print(file=sys.stderr)
     summary(cfg, snap, started, say)
     say(agreement(tally, name, era, snap))
+    say(where_time_goes(snap))
     if fatal:
         say(f"stepfuzz: error: {name}: {fatal}")
         return 2
@@ -501,3 +516,16 @@ def agreement(t: Tally, name: str, era: Era, snap: dict) -> str:
             f"{sum(t.not_sent.values()):,} generated cases not sent (not reproducible there); "
             f"{snap['boots']} boot(s) ({snap['boot_s']:.0f} s), {snap['restarts']} restart(s)"
             + "".join(f"\n  failed x{n}: {why}" for why, n in t.errors.most_common(5)))
+
+
+def where_time_goes(snap: dict) -> str:
+    """What dominates a campaign on a real kernel, from the runner's own
+    clock (inside KVM_RUN; whole cases) and the host's (a batch's round trip)."""
+    batch, guest_batch, cases, run = (snap[f"vm_{k}_s"] for k in ("batch", "guest_batch", "guest_cases", "kvm_run"))
+    if batch <= 0:
+        return "stepfuzz: no batch ran"
+    share = lambda x: f"{100 * x / batch:.0f}%"
+    return (f"stepfuzz: VM time {batch:.0f} s: inside KVM_RUN {share(run)} (the guest and KVM, under QEMU TCG), "
+            f"the runner around it {share(max(0.0, cases - run))} (a VM per case, memory, registers), "
+            f"the channel {share(max(0.0, batch - cases))} (the batch over the serial console, results back); "
+            f"host side {snap['host_s']:.0f} s (generating, the models, judging), {snap['boot_s']:.0f} s booting")

@@ -68,6 +68,12 @@ def status(crashes: Path) -> Status:
     running = [w for w in workers if not w["final"] and _alive(w["pid"]) and time.time() - w["updated"] < 60]
     last = records[-1] if records else {}
     lines = [f"campaign {crashes}: {'RUNNING (' + str(len(running)) + ' workers)' if running else 'not running'}"]
+    mark = camp.get("kernel_mark")
+    if isinstance(mark, dict):
+        lines.append(f"  target: Linux {mark.get('version', '?')} ({mark.get('name', '?')}, image sha256 "
+                     f"{str(mark.get('sha256', ''))[:16]}...), compared with era {camp.get('eras')}")
+    if isinstance(last.get("restarts"), int):
+        lines.append(f"  VM boots {last.get('boots')}, restarts {last['restarts']}; verdicts {last.get('verdicts')}")
     if camp:
         lines.append(f"  started {camp.get('started_iso', '?')}, seed {camp.get('seed')}, eras {camp.get('eras')}, "
                      f"jobs {camp.get('jobs')}, corpus {camp.get('corpus')}")
@@ -80,8 +86,9 @@ def status(crashes: Path) -> Status:
     for f in sorted(divs, key=lambda f: (f.record.root_signature or "~" + f.record.signature)):
         r = f.record
         name = r.root_signature or f"{r.signature} (per-era, before root causes)"
+        on = f"  on Linux {r.kernel.get('version', '?')}" if r.kernel else ""
         lines.append(f"    {name:<48} x{r.count:<7} first {r.first_seen}  "
-                     f"{r.case_insns} insns  {f.dir}")
+                     f"{r.case_insns} insns  {f.dir}{on}")
     errors = list((crashes / ".oracle-errors").glob("*")) if (crashes / ".oracle-errors").exists() else []
     if errors:
         lines.append(f"  {len(errors)} oracle error(s) (stepfuzz bugs) in {crashes / '.oracle-errors'}")

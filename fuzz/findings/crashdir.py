@@ -262,6 +262,12 @@ class DivergenceRecord:
     def root_signature(self) -> str | None:
         return self.root_cause.get("signature") if self.root_cause else None
 
+    @property
+    def kernel(self) -> dict[str, Any] | None:
+        """The real kernel a campaign on one saw it on (Kernel.mark()), None for the models'."""
+        mark = self.extra.get("kernel")
+        return mark if isinstance(mark, dict) else None
+
     @classmethod
     def from_json(cls, data: Any, path: str | Path = "divergence.json") -> DivergenceRecord:
         """The record of decoded JSON; UnreadableRecord(path, problem) for anything else."""

@@ -21,7 +21,7 @@ from typing import Any
 from stepfuzz.oracle.kvm.eras import ERA_IDS, ERAS, POLICY_POINTS
 
 from stepfuzz.fuzz.findings.crashdir import CrashDir, DivergenceRecord, UnreadableRecord, scan, write_atomic
-from stepfuzz.fuzz.findings.rootcause import root_of
+from stepfuzz.fuzz.findings.rootcause import MODEL_GAP_PREFIX, REAL_PREFIX, root_of
 
 SEES = {"zero-step": "a stop with no instruction stepped",
         "multi-step": "two or more instructions in one step",
@@ -102,12 +102,19 @@ class Row:
         return min(self.members, key=lambda m: (m.insns, ERA_IDS.index(m.record.era) if m.record.era in ERA_IDS else 99))
 
     @property
+    def model_gap(self) -> bool:
+        """A real kernel does not do what its era model says: a bug in stepfuzz."""
+        return self.signature.startswith(MODEL_GAP_PREFIX)
+
+    @property
     def new_bug_candidate(self) -> bool:
-        return not self.root["fixed_by"]
+        return not self.root["fixed_by"] and not self.model_gap
 
     def mechanism_text(self) -> str:
         """The policy points in a KVM developer's words: the kernel function,
         what it decides, and the choice that fixed it."""
+        if self.signature.startswith((MODEL_GAP_PREFIX, REAL_PREFIX)):
+            return self.root["explanation"]
         if self.signature.startswith("unexplained:"):
             return "not explained by any policy point the era models have: a gap in the models, or an oracle bug"
         parts = []
@@ -118,6 +125,10 @@ class Row:
         return "; ".join(parts) or self.root["mechanism"]
 
     def fixed_text(self) -> str:
+        if self.model_gap:
+            return "MODEL GAP: a bug in stepfuzz (fix the era model or document the limit)"
+        if self.signature.startswith(REAL_PREFIX):
+            return "NEW-BUG CANDIDATE: seen on a real kernel, no model explains it"
         if self.new_bug_candidate:
             return "NEW-BUG CANDIDATE: no release changed it" + (
                 " (the architecture's state machine would)" if self.signature.startswith("candidate:") else "")
@@ -166,7 +177,13 @@ def collect(crashes: Path) -> Collected:
             unreadable.append(e)
             continue
         member = Member(f.record, f.dir, reproducer, insns, root)
-        rows.setdefault(root["signature"], Row(root)).members.append(member)
+        row = rows.setdefault(root["signature"], Row(root))
+        row.members.append(member)
+        mark = f.record.kernel
+        if mark is not None:          # found by a campaign on a real kernel
+            row.real[f"Linux {mark.get('version') or mark.get('name', '?')}"] = (
+                "model gap" if row.model_gap else "shows it (campaign, image sha256 "
+                f"{str(mark.get('sha256', ''))[:12]})")
     order = sorted(rows.values(), key=lambda r: (not r.new_bug_candidate, r.kind, r.signature))
     return Collected(order, unreadable)
 

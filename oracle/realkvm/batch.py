@@ -89,6 +89,16 @@ def _header_limit(name: str) -> int:
 
 
 MAX_REGIONS, MAX_EVENTS = _header_limit("MAX_REGIONS"), _header_limit("MAX_EVENTS")
+# The runner's vGIC redistributor (a case with an mmio-kernel region gets one):
+# an in-kernel device no case declares, so a guest that reaches it is not comparable.
+REDIST_BASE, REDIST_SIZE = _header_limit("VGIC_REDIST_BASE"), 0x20000
+
+
+def touches_redistributor(case: Case, log: ExecLog) -> bool:
+    if not any(r.kind == "mmio-kernel" for r in case.memory):
+        return False
+    return any(s.access is not None and REDIST_BASE <= s.access.addr < REDIST_BASE + REDIST_SIZE
+               for s in log.specials.values())
 
 
 def runner_limit(case: Case) -> str:
@@ -120,6 +130,9 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
                                 "it went, and no stop shows where")
     if ref.outcome == Outcome.UNSUPPORTED:
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{ref.outcome}", detail=ref.detail)
+    if touches_redistributor(case, log):
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:redistributor",
+                         detail=f"the guest reaches {REDIST_BASE:#x}, where the runner puts the vGIC redistributor")
     if log.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{log.outcome}", detail=log.detail)
     # what the case asks of the VMM that neither the models nor the runner do yet
@@ -199,10 +212,11 @@ class Parser:
         self.exec_status: str | None = None
         self._exits: list[Exit] = []
         self._records = 0
+        self.timing: tuple[int, ...] = ()
 
     def start_batch(self, sources: dict[int, str]) -> None:
         """A new batch on the same runner: its cases' sources, no traces yet."""
-        self.sources, self.traces, self.current, self.done = sources, {}, None, False
+        self.sources, self.traces, self.current, self.done, self.timing = sources, {}, None, False, ()
 
     def feed(self, raw: str) -> None:
         m = LINE.match(raw.rstrip("\r\n").lstrip("\r"))
@@ -214,6 +228,10 @@ class Parser:
             self.ready = True
         elif head == "done":
             self.done = True
+            try:                # time inside KVM_RUN, in whole cases, in the batch (us, the guest's clock)
+                self.timing = tuple(int(w) for w in words[1:4])
+            except ValueError:
+                self.timing = ()
         elif head == "fatal":
             self.fatal = " ".join(words[1:])
         elif head == "exec-exit":
@@ -356,7 +374,7 @@ def exit_key(e: Exit) -> tuple:
     return ("mmio", m[1], size, int(m[3], 16), int(m[4], 16) & ((1 << (8 * size)) - 1))
 
 
-def _exits_differ(model: tuple[Exit, ...], real: tuple[Exit, ...]) -> str:
+def exits_differ(model: tuple[Exit, ...], real: tuple[Exit, ...]) -> str:
     """'' when the exits match, else what differs first."""
     for m, r in zip(model, real):
         if exit_key(m) != exit_key(r):
@@ -376,7 +394,7 @@ def _first_difference(model: Trace, real: RealTrace) -> Difference | None:
             return Difference(i, f"a {m.ec} stop (model) vs a {r.ec} stop (real)")
         if m.isv != r.isv:
             return Difference(i, f"ISV {m.isv} (model) vs {r.isv} (real)")
-        why = _exits_differ(m.exits, r.exits)
+        why = exits_differ(m.exits, r.exits)
         if why:
             return Difference(i, why + " before this stop")
     n = min(len(mstops), len(rstops))
@@ -386,7 +404,7 @@ def _first_difference(model: Trace, real: RealTrace) -> Difference | None:
         return None
     if len(rstops) > len(mstops):
         return Difference(n, f"{len(mstops)} stops (model) vs {len(rstops)} (real)")
-    why = _exits_differ(model.tail, real.tail)
+    why = exits_differ(model.tail, real.tail)
     if why:
         return Difference(n, why + " after the last stop")
     want = MODEL_END_AS_REAL.get(model.outcome, model.outcome)

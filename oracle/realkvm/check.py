@@ -27,7 +27,7 @@ from ..kvm.eras import Era
 from ..run import Result, check
 from ..trace import RefTrace, Trace
 from ..vocabulary import DivergenceKind, Outcome
-from .batch import MODEL_END_AS_REAL, Difference, RealTrace, difference
+from .batch import MODEL_END_AS_REAL, Difference, RealTrace, difference, exits_differ
 from .kernels import Kernel
 from .vm import BOOT_TIMEOUT, RunStats, run_cases
 
@@ -81,19 +81,20 @@ def as_trace(real: RealTrace) -> Trace:
 
 def kvm_divergence(ref: RefTrace, era: str, real: RealTrace) -> Divergence | None:
     """How the kernel differs from the reference (None: it steps as the
-    architecture does).  Where every stop is at the reference's PC, what
-    differs is the exits (the guest's state, as an MMIO value shows it) or
-    the ending; otherwise the comparator names it from the inferred steps."""
-    d = difference(Trace(ref.stops, ref.outcome, ref.detail, tail=ref.tail), real)
+    architecture does), in the comparator's terms -- steps, PC, kind of
+    stop, ending -- and, where those agree, the exits (the guest's state,
+    as the MMIO values it writes show it).  ISV is not part of it: the
+    architecture leaves it to the implementation after an emulated access."""
+    d = compare(ref, as_trace(real), era)
     if d is None:
-        return None
-    what = d.what.replace("(model)", "(reference)")
-    if [s.pc for s in real.stops] == ref.pcs:
-        kind = DivergenceKind.STATE if "exit" in what else DivergenceKind.OUTCOME
-        return Divergence(era, kind, d.stop, "real", ref.stop_at(d.stop) if d.stop < len(ref.pcs) else None,
-                          real.stops[d.stop] if d.stop < len(real.stops) else None, detail=what)
-    c = compare(ref, as_trace(real), era) or Divergence(era, DivergenceKind.PC_MISMATCH, d.stop, "", None, None)
-    return Divergence(era, c.kind, c.stop, "real", c.expected, c.got, what)
+        stops = ref.stops
+        why = next((f"stop {i + 1}: {w}" for i, (m, r) in enumerate(zip(stops, real.stops))
+                    if (w := exits_differ(m.exits, r.exits))), "") or exits_differ(ref.tail, real.tail)
+        if not why:
+            return None
+        d = Divergence(era, DivergenceKind.STATE, len(real.stops), "", None, None,
+                       detail=why.replace("(model)", "(reference)"))
+    return Divergence(d.era, d.kind, d.stop, "real", d.expected, d.got, d.detail)
 
 
 @dataclass(frozen=True)

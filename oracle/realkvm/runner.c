@@ -27,7 +27,8 @@
  *                                    irq-line irq|fiq LEVEL)
  *   words COUNT W1 W2 ...
  *   go                              (run the case described since `case`)
- *   end                             (the batch is over: the runner says `done`)
+ *   end                             (the batch is over: the runner says `done RUN_US CASES_US BATCH_US`:
+ *                                    time inside KVM_RUN, in whole cases, since the batch's first token)
  * Output: lines "@@sf ..." (see docs/real-kvm.md); anything else on the
  * console is the kernel's.
  */
@@ -62,6 +63,8 @@ static uint64_t number(FILE *f)
 
 /* ------------------------------------------------------------ the batch */
 
+static uint64_t case_ns;         /* time in whole cases, for `done` */
+
 /* One batch from f: 0 when it is done, 1 on `quit` or the end of input, 2 on bad input. */
 static int run_batch(FILE *f)
 {
@@ -74,6 +77,8 @@ static int run_batch(FILE *f)
 		out("fatal the input is not a stepfuzz batch (version 1)");
 		return 2;
 	}
+	uint64_t begun = now_ns();
+	run_ns = case_ns = 0;
 	while (token(f, tok, sizeof(tok))) {
 		if (!strcmp(tok, "case")) {
 			memset(&c, 0, sizeof(c));
@@ -179,7 +184,9 @@ static int run_batch(FILE *f)
 					c.words[c.nwords++] = w;
 			}
 		} else if (!strcmp(tok, "go")) {
+			uint64_t t0 = now_ns();
 			run_case(&c);
+			case_ns += now_ns() - t0;
 		} else if (!strcmp(tok, "end")) {
 			break;
 		} else {
@@ -187,7 +194,8 @@ static int run_batch(FILE *f)
 			return 2;
 		}
 	}
-	out("done");
+	out("done %llu %llu %llu", (unsigned long long)(run_ns / 1000), (unsigned long long)(case_ns / 1000),
+	    (unsigned long long)((now_ns() - begun) / 1000));
 	flush_out();
 	return 0;
 }

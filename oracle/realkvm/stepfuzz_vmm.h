@@ -9,6 +9,7 @@
 
 #define MAX_REGIONS 64
 #define MAX_EVENTS 256
+#define VGIC_REDIST_BASE 1099510579200ULL   /* 0xfffff00000: IPA_LIMIT - 1 MiB, the vGIC redistributor's home */
 #define INSN_B_SELF 0x14000000u      /* `b .`: parks the guest after the case's code */
 
 enum { EV_MMIO, EV_STOP, EV_START, EV_HYPERCALL, EV_EINTR };   /* an event comes after the Nth ... */
