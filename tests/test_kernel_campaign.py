@@ -148,3 +148,13 @@ def test_kernel_only_flags_are_refused_for_in_process_campaigns(tmp_path):
 def test_in_process_flags_are_refused_for_kernel_campaigns(tmp_path):
     p = stepfuzz("fuzz", "--kernel", "6.1", "--era", "5.10", "--corpus", tmp_path / "c", "--crashes", tmp_path / "k")
     assert p.returncode == 2 and "for in-process campaigns" in p.stderr
+
+
+def test_bench_on_a_kernel_measures_cases_per_minute_and_what_dominates(kernel):
+    kernel("6.1")
+    p = stepfuzz("bench", "--kernel", "6.1", "--jobs", "1", "--campaign", "15", "--json", timeout=600)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["cases"] > 0 and r["cases_per_min_boot_excluded"] >= r["cases_per_min"] > 0
+    shares = r["share_kvm_run"] + r["share_runner"] + r["share_channel"]
+    assert 0.9 <= shares <= 1.1 and r["share_kvm_run"] > 0 and r["share_runner"] > 0

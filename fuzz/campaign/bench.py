@@ -207,3 +207,46 @@ def table(r: dict) -> str:
               f"fuzz_execs_per_s_code_coverage (--code-coverage): {r['fuzz_execs_per_s_code_coverage']}",
               f"rss_mb (peak, campaign worker): {r['rss_mb']}"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- real kernels
+
+def kernel_rate(kernel: str, seconds: float, jobs: int) -> dict:
+    """A campaign on a real kernel, timed: cases per minute with the boots
+    counted and without (each VM boots once, in parallel with the others),
+    and the shares of a batch's round trip (stepfuzz.fuzz.campaign.realkernel)."""
+    with tempfile.TemporaryDirectory(prefix="stepfuzz-bench-") as tmp:
+        crashes = Path(tmp) / "crashes"
+        done = subprocess.run([*STEPFUZZ_COMMAND, "fuzz", "--kernel", kernel, "--time", f"{int(seconds)}s",
+                               "--jobs", str(jobs), "--seed", "1", "--corpus", str(Path(tmp) / "corpus"),
+                               "--crashes", str(crashes)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, check=False)
+        try:
+            last = json.loads((crashes / "stats.jsonl").read_text().splitlines()[-1])
+        except (OSError, ValueError, IndexError):
+            last = {}
+        if done.returncode != 0 or not last.get("execs"):
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the campaign on {kernel} ran nothing (exit {done.returncode}): {tail[0]}")
+    elapsed, cases, boot = last["elapsed_s"], last["execs"], last["boot_s"] / max(1, last["boots"])
+    batch = last["vm_batch_s"] or 1e-9
+    return {"kernel": kernel, "jobs": jobs, "cases": cases, "seconds": elapsed,
+            "cases_per_min": round(60 * cases / elapsed, 1),
+            "cases_per_min_boot_excluded": round(60 * cases / max(1e-9, elapsed - boot), 1),
+            "boot_s": round(boot, 1),
+            "share_kvm_run": round(last["vm_kvm_run_s"] / batch, 3),
+            "share_runner": round(max(0.0, last["vm_guest_cases_s"] - last["vm_kvm_run_s"]) / batch, 3),
+            "share_channel": round(max(0.0, batch - last["vm_guest_cases_s"]) / batch, 3),
+            "host_s": last["host_s"]}
+
+
+def kernel_table(r: dict) -> str:
+    return "\n".join([
+        f"machine: {r['machine']}",
+        f"kernel {r['kernel']}, {r['jobs']} VM(s), {r['seconds']:.0f} s: {r['cases']:,} cases",
+        f"cases_per_min (boot included): {r['cases_per_min']:,.0f}",
+        f"cases_per_min_boot_excluded: {r['cases_per_min_boot_excluded']:,.0f} (a boot takes {r['boot_s']} s)",
+        f"a batch's round trip: inside KVM_RUN {100 * r['share_kvm_run']:.0f}% (the guest and KVM under QEMU TCG), "
+        f"the runner around it {100 * r['share_runner']:.0f}% (a fresh VM per case, its memory and registers), "
+        f"the channel {100 * r['share_channel']:.0f}% (the serial console)",
+        f"host side (generating, models, judging; overlaps the VMs): {r['host_s']:.0f} s"])

@@ -35,7 +35,7 @@ from stepfuzz.oracle.case import Case
 from stepfuzz.oracle.compare import Divergence
 from stepfuzz.oracle.guest import ExecLog, execute
 from stepfuzz.oracle.kvm.eras import Era, select
-from stepfuzz.oracle.realkvm import RealKvmError, kernels
+from stepfuzz.oracle.realkvm import RealKvmError, kernels, last_line
 from stepfuzz.oracle.realkvm import vm as realvm
 from stepfuzz.oracle.realkvm.batch import RealTrace, infer_steps, skip_reason
 from stepfuzz.oracle.realkvm.check import CONFIRMED, MODEL_GAP, NEW_BUG, Verdict, compare_one, judge
@@ -98,6 +98,7 @@ class VmWorker(threading.Thread):
         self.boots = self.restarts = self.boot_failures = 0
         self.boot_seconds = 0.0
         self.time = Counter()       # seconds: batch (as the host waits), guest_batch, guest_cases, kvm_run
+        self.failures: list[str] = []   # why each VM died (the campaign says so as it happens)
         self.fatal = ""
 
     def run(self) -> None:
@@ -161,6 +162,7 @@ class VmWorker(threading.Thread):
             # the VM died: restart it and retry from the first unfinished case;
             # the one it died on is a finding once it has killed CRASH_TRIES VMs
             self.restarts += 1
+            self.failures.append(f"{problem}: {last_line(s.con.tail_text() if s.con else '', 'no console')}")
             left = [(i, c) for i, c in pending if i not in traces]
             suspect = s.parser.current if s.parser.current is not None else left[0][0]
             console = s.con.tail_text() if s.con else ""
@@ -449,6 +451,10 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
                 worker = None
             if worker is not None and worker.fatal:
                 fatal = fatal or worker.fatal
+            if worker is not None:
+                while worker.failures:
+                    say(f"stepfuzz: {worker.name} restarted: the VM died ({worker.failures.pop(0)}); "
+                        "its batch goes on in a new one")
             if job is not None:
                 _, cases = jobs.pop(job.number)
                 t0 = time.monotonic()

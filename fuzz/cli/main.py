@@ -217,7 +217,16 @@ def cmd_triage(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from stepfuzz.fuzz.campaign.bench import run, table
+    from stepfuzz.fuzz.campaign.bench import kernel_rate, kernel_table, machine, run, table
+    if args.kernel is not None:
+        if not 1 <= args.jobs <= 4 * (os.cpu_count() or 1):
+            fail(f"--jobs {args.jobs}: must be 1..{4 * (os.cpu_count() or 1)}")
+        try:
+            result = {"machine": machine(), **kernel_rate(args.kernel, args.campaign, args.jobs)}
+        except RuntimeError as e:
+            fail(f"bench: {e}")
+        print(json.dumps(result) if args.json else kernel_table(result))
+        return EXIT_AGREE
     try:
         result = run(seconds=args.campaign)
     except RuntimeError as e:
@@ -398,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="cost of a differential check next to raw Unicorn, and campaign speed")
     add_json(bn, "one JSON object")
-    bn.add_argument("--campaign", type=float, default=30.0, help="seconds of real campaign to time (default 30)")
+    bn.add_argument("--campaign", type=positive_seconds, default=30.0,
+                    help="seconds of real campaign to time (default 30)")
+    bn.add_argument("--kernel", metavar="K", help="time a campaign on this real kernel instead: cases per minute, "
+                                                   "boot included and excluded, and what dominates")
+    bn.add_argument("--jobs", type=int, default=2, help="with --kernel: VMs (default 2)")
     bn.set_defaults(func=cmd_bench)
 
     ex = sub.add_parser("export", help="a case as C: a standalone reproducer or a KVM selftest")
