@@ -182,7 +182,7 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
             assert ret == RunResult.GUEST_ENDED, ret
             outcome, detail = kernel.ending, kernel.detail
             break
-    trace = Trace(stops, outcome, detail, tuple(exits), tuple(cpu.why), skipped)
+    trace = Trace(stops, outcome, detail, tuple(exits), tuple(cpu.why), skipped, stepping_at_end=kernel.singlestep)
     if stop_at is not None:       # every stop was checked on arrival (fast-forwarded ones are ideal)
         trace.agreed = len(stops) - 1 if outcome == Outcome.DIVERGED else len(stops)
     return trace

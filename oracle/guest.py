@@ -129,6 +129,11 @@ class Special:
     access: Access | None = None
     detail: str = ""
 
+    @property
+    def interrupt(self) -> bool:
+        """The guest takes an IRQ or FIQ here, before the instruction starts."""
+        return self.kind == Meets.EXCEPTION and self.detail in ("irq", "fiq")
+
 
 @dataclass
 class ExecLog:
@@ -141,6 +146,7 @@ class ExecLog:
     writes: tuple[Write, ...] = ()    # register writes from outside the guest ("pc": where it goes on)
     emulation: Emulation = IDEAL
     sign_extended: bool = False       # an MMIO load's sign extension changed its value
+    irq_at_end: str | None = None     # an interrupt the guest would take at the end of its code
     _regs: dict[str, int] | None = field(default=None, repr=False)
 
     @cached_property
@@ -597,6 +603,7 @@ class Machine:
         self.lines: dict[str, int] = {}       # interrupt lines the VMM drives (KVM_IRQ_LINE)
         self.emulation = emulation
         self.sign_extended = False
+        self.irq_at_end = None
         self.touched: set[int] = set()        # pages mapped at stage 2 ...
         self.executable: set[int] = set()     # ... and of them, mapped executable
         self.probed = False
@@ -617,6 +624,7 @@ class Machine:
             if self.retired in pending:
                 pc = self._apply(pending.pop(self.retired), pc)
             if pc == case.end:
+                self.irq_at_end = self._interrupt()
                 self._ending(pc, Outcome.END, "")
                 break
             self.fault = None
@@ -820,7 +828,7 @@ class Machine:
         if self.outcome not in (Outcome.END, Outcome.MAX_STEPS):
             specials[n] = Special(specials.get(n, Special()).faults, self.outcome, detail=self.detail)
         log = ExecLog(case, pcs, specials, self.outcome or Outcome.END, self.detail, writes, self.emulation,
-                      self.sign_extended)
+                      self.sign_extended, irq_at_end=self.irq_at_end)
         if want_regs:
             log._regs = {name: self.regs[rid] for name, rid in REG_IDS.items()}
         return log

@@ -191,6 +191,8 @@ def _guess_write(w: int) -> bool:
 def _exception(w: int) -> Insn:
     opc, ll = (w >> 21) & 7, w & 3
     imm = (w >> 5) & 0xFFFF
+    if (w >> 2) & 7:
+        return UNDEF                               # op2 != 0: unallocated, UNDEFINED
     if (opc, ll) == (0, 2):
         return Insn(InsnClass.HVC, imm=imm)
     if (opc, ll) == (0, 3):

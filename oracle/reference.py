@@ -110,11 +110,11 @@ class IdealKvm:
                 return self._debug(HSR_NOT_STEPPED)
             if self.retired >= budget:        # (as the models bound a guest that runs free)
                 return self._end(Outcome.MAX_STEPS, "")
-            if self.pc in self.bps:
-                return self._debug(HSR_BREAKPOINT)
             log, idx = self.log, self.idx
             special = log.specials.get(idx) if idx <= log.n else None
             kind = special.kind if special is not None else Meets.NATIVE
+            if self.pc in self.bps and not (special is not None and special.interrupt):
+                return self._debug(HSR_BREAKPOINT)        # (an interrupt at this boundary comes first)
             if idx >= log.n:
                 if log.outcome == Outcome.END or idx > log.n:
                     if not self.singlestep:

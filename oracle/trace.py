@@ -97,6 +97,7 @@ class Trace:
     skipped: list[tuple[int, int]] = field(default_factory=list)   # (stop index, pc) never executed
     final_regs: dict[str, int] | None = None
     agreed: int = 0                    # leading stops known to match the reference (checked as they came)
+    stepping_at_end: bool = True       # False: the run ended with nothing stepping (it may run free)
 
 
 @dataclass

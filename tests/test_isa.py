@@ -47,3 +47,12 @@ def test_classes_named_by_capstone():
     for w, (kind, mnemonic) in cases.items():
         assert decode(w).kind == kind and text(w)[0] == mnemonic, hex(w)
     assert decode(0xD5300080 | 3).reg == "dbgbvr0_el1" and "dbgbvr0_el1" in text(0xD5300080 | 3)[1]
+
+
+def test_exception_generation_with_op2_set_is_undefined():
+    """BRK, HVC, SVC... all have op2 (bits 4:2) = 0; the rest of the class is
+    unallocated (a campaign on 5.10 met 0xd4200004 decoded as a BRK)."""
+    from stepfuzz.oracle.isa import UNDEF
+    for w in (0xD4200004, 0xD42F7544, 0xD4000002 | 0x1C, 0xD4400010):
+        assert decode(w) == UNDEF, hex(w)
+    assert decode(0xD4200000).kind == InsnClass.BRK

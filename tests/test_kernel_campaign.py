@@ -106,6 +106,27 @@ def test_sigkill_of_the_campaign_takes_its_vms_with_it(kernel, tmp_path):
     assert p.returncode == 0 and "Traceback" not in p.stderr
 
 
+def test_a_vm_killed_mid_batch_is_restarted_and_counted(kernel, tmp_path):
+    kernel("6.1")
+    proc = subprocess.Popen([sys.executable, "-m", "stepfuzz.fuzz.cli.main", "fuzz", "--kernel", "6.1", "--time",
+                             "45", "--corpus", str(tmp_path / "c"), "--crashes", str(tmp_path / "k"), "--seed", "3"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    qemu: list[int] = []
+    deadline = time.monotonic() + 120
+    while not qemu and time.monotonic() < deadline:
+        time.sleep(0.5)
+        qemu = [q for q in _children(proc.pid) if b"qemu-system-aarch64" in Path(f"/proc/{q}/cmdline").read_bytes()]
+    assert qemu
+    time.sleep(8)                               # booted, in the middle of a batch
+    os.kill(qemu[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    assert "vm0 restarted: the VM died (" in err
+    last = json.loads((tmp_path / "k" / "stats.jsonl").read_text().splitlines()[-1])
+    assert last["restarts"] >= 1 and last["boots"] >= 2 and last["execs"] > 0
+
+
 def test_a_kernel_that_does_not_boot_is_one_line_and_exit_2(tools, tmp_path):
     image = tmp_path / "Image"
     image.write_bytes(b"\0" * 4096 + b"Linux version 6.1.0-99-arm64 (nobody) #1 SMP\0" + b"\0" * 4096)

@@ -115,9 +115,11 @@ class GuestHw:
             self.irq_before.discard(idx)
             self.irq_armed = True
             return self._irq()
-        if self.bps and self.pc in self.bps:
-            return HwExit(HwExitKind.BREAKPOINT, idx, HSR_BREAKPOINT)   # before it runs, every time
         special = log.specials.get(idx, _NATIVE) if idx < log.n else self._special_past_code(idx)
+        # before it runs, every time -- unless an interrupt is taken at this
+        # boundary first: then the instruction has not started
+        if self.bps and self.pc in self.bps and not special.interrupt:
+            return HwExit(HwExitKind.BREAKPOINT, idx, HSR_BREAKPOINT)
         attempt = self.attempts
         self.attempts += 1
         faults = self._faults(special)
@@ -170,8 +172,10 @@ class GuestHw:
     def _tcg_order(self) -> None:
         """A step is due: note what QEMU's TCG would take first (vocabulary.TCG_ORDERS)."""
         special = self.log.specials.get(self.idx)
+        if special is None and self.idx == self.log.n and self.log.irq_at_end:
+            self.why.append(IRQ_WITH_STEP_DUE)       # (taken at the `b .` after the code)
         if special is not None:
-            if special.kind == Meets.EXCEPTION and special.detail in ("irq", "fiq"):
+            if special.interrupt:
                 self.why.append(IRQ_WITH_STEP_DUE)
             elif self._faults(special)[self.attempts:self.attempts + 1] in (("fetch",), ("exec",)):
                 self.why.append(FETCH_FAULT_WITH_STEP_DUE)

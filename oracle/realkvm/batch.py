@@ -128,7 +128,7 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
                          detail="the guest leaves its code with nothing stepping: a real kernel runs on wherever "
                                 "it went, and no stop shows where")
-    if ref.outcome == Outcome.UNSUPPORTED:
+    if ref.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{ref.outcome}", detail=ref.detail)
     if touches_redistributor(case, log):
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:redistributor",

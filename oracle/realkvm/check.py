@@ -27,7 +27,7 @@ from ..kvm.eras import Era
 from ..run import Result, check
 from ..trace import RefTrace, Trace
 from ..vocabulary import DivergenceKind, Outcome
-from .batch import MODEL_END_AS_REAL, Difference, RealTrace, difference, exits_differ
+from .batch import MODEL_END_AS_REAL, NOT_COMPARABLE, Difference, RealTrace, difference, exits_differ
 from .kernels import Kernel
 from .vm import BOOT_TIMEOUT, RunStats, run_cases
 
@@ -132,7 +132,14 @@ def judge(c: Comparison) -> Verdict | None:
 
 def compare_one(source: str, case: Case, real: RealTrace, era: Era) -> Comparison:
     """A real trace of `case` (steps inferred) against `era`'s model."""
-    if not real.compared or real.failed:
+    if not real.compared or (real.failed and real.end != "timeout"):
         return Comparison(source, case, real)
     (result,) = check(case, [era])
+    if result.model.outcome == Outcome.MAX_STEPS and not result.model.stepping_at_end:
+        # the era's kernel lets the guest run free: a real one runs until a wall clock stops it
+        real.end, real.detail = (f"{NOT_COMPARABLE}:runs-free", f"era {era.id}'s model runs past max_steps with "
+                                 "nothing stepping: on a real kernel only a wall clock would stop it")
+        return Comparison(source, case, real)
+    if real.failed:
+        return Comparison(source, case, real)
     return Comparison(source, case, real, result, difference(result.model, real))
