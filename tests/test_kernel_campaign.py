@@ -117,7 +117,11 @@ def test_a_vm_killed_mid_batch_is_restarted_and_counted(kernel, tmp_path):
         time.sleep(0.5)
         qemu = [q for q in _children(proc.pid) if b"qemu-system-aarch64" in Path(f"/proc/{q}/cmdline").read_bytes()]
     assert qemu
-    time.sleep(8)                               # booted, in the middle of a batch
+    stats = tmp_path / "k" / "stats.jsonl"
+    while time.monotonic() < deadline:          # booted, and in the middle of a batch
+        time.sleep(0.5)
+        if stats.exists() and any(json.loads(l).get("execs") for l in stats.read_text().splitlines()):
+            break
     os.kill(qemu[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
@@ -125,6 +129,10 @@ def test_a_vm_killed_mid_batch_is_restarted_and_counted(kernel, tmp_path):
     assert "vm0 restarted: the VM died (" in err
     last = json.loads((tmp_path / "k" / "stats.jsonl").read_text().splitlines()[-1])
     assert last["restarts"] >= 1 and last["boots"] >= 2 and last["execs"] > 0
+    # what the VM was running when it died is kept, with the console
+    deaths = sorted((tmp_path / "k" / "vm-deaths").iterdir())
+    assert [p.suffix for p in deaths] == [".json", ".txt"]
+    assert "console (last lines)" in deaths[1].read_text()
 
 
 def test_a_kernel_that_does_not_boot_is_one_line_and_exit_2(tools, tmp_path):

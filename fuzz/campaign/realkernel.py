@@ -49,6 +49,7 @@ from stepfuzz.fuzz.findings.crashdir import OutputError, crash_dirs, now_iso, wr
 from stepfuzz.fuzz.findings.report import model_vs_real_table
 from stepfuzz.fuzz.findings.rootcause import REAL_PREFIX, root_of_verdict
 from stepfuzz.fuzz.findings.store import CrashStore
+from stepfuzz.fuzz.harness.confirm import RootCauses
 from stepfuzz.fuzz.harness.workers import WorkerStats, rss_kb
 from stepfuzz.fuzz.inputs import generate as G
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, NotACase, decode_input, encode
@@ -130,6 +131,7 @@ class VmWorker(threading.Thread):
                 s.start()
             except realvm.VmFailure as e:
                 self.boot_failures += 1
+                self.failures.append(f"did not boot: {e}")
                 failure = e
                 continue
             self.session = s
@@ -162,10 +164,11 @@ class VmWorker(threading.Thread):
             # the VM died: restart it and retry from the first unfinished case;
             # the one it died on is a finding once it has killed CRASH_TRIES VMs
             self.restarts += 1
-            self.failures.append(f"{problem}: {last_line(s.con.tail_text() if s.con else '', 'no console')}")
             left = [(i, c) for i, c in pending if i not in traces]
             suspect = s.parser.current if s.parser.current is not None else left[0][0]
             console = s.con.tail_text() if s.con else ""
+            kept = self._keep_death(problem, console, dict(pending)[suspect])
+            self.failures.append(f"{problem}: {last_line(console, 'no console')}; {kept}")
             started = s.parser.traces.get(suspect)
             s.close()
             self.session = None
@@ -175,6 +178,21 @@ class VmWorker(threading.Thread):
                 left = [(i, c) for i, c in left if i != suspect]
             pending = left
         return out
+
+
+    def _keep_death(self, problem: str, console: str, case: Case) -> str:
+        """The console's last lines and the case that was running when a VM
+        died, under <crashes>/vm-deaths/: nothing about a death is lost, even
+        one the retry does not repeat."""
+        d = self.cfg.crashes / "vm-deaths"
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{self.name}-{self.restarts}"
+        try:
+            d.mkdir(exist_ok=True)
+            write_atomic(d / f"{name}.json", json.dumps(case.with_words().to_json(), indent=2) + "\n")
+            write_atomic(d / f"{name}.txt", f"{problem}\n\nconsole (last lines):\n{console}\n")
+        except OutputError as e:
+            return f"not kept: {e}"
+        return f"kept in {d / name}.*"
 
 
 def kernels_root(cfg: KernelConfig) -> Path:
@@ -321,6 +339,7 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
     tally = Tally()
     seen: set[int] = set()
     confirming: dict[str, int] = {}          # root signature of a verdict not yet seen twice -> sightings
+    roots = RootCauses()                     # attribution, once per per-era signature
 
     todo: queue.Queue = queue.Queue()
     done: queue.Queue = queue.Queue()
@@ -391,7 +410,7 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
             corpus.add(case)
         if v.verdict not in (CONFIRMED, MODEL_GAP, NEW_BUG):
             return
-        root = root_of_verdict(v, mark["version"] or "host")
+        root = root_of_verdict(v, mark["version"] or "host", roots.of)
         result = v.model if v.verdict == CONFIRMED or v.kernel.divergence is None else v.kernel
         extra = (f"Linux {mark['version']} showed what era {era.id}'s model predicts (confirmed on the kernel)"
                  if v.verdict == CONFIRMED else
@@ -453,8 +472,9 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
                 fatal = fatal or worker.fatal
             if worker is not None:
                 while worker.failures:
-                    say(f"stepfuzz: {worker.name} restarted: the VM died ({worker.failures.pop(0)}); "
-                        "its batch goes on in a new one")
+                    why = worker.failures.pop(0)
+                    say(f"stepfuzz: {worker.name}: {why}; trying again" if why.startswith("did not boot") else
+                        f"stepfuzz: {worker.name} restarted: the VM died ({why}); its batch goes on in a new one")
             if job is not None:
                 _, cases = jobs.pop(job.number)
                 t0 = time.monotonic()

@@ -37,15 +37,16 @@ def root_of(cd: CrashDir, record: DivergenceRecord) -> dict[str, Any]:
 MODEL_GAP_PREFIX, REAL_PREFIX = "model-gap:", "real:"
 
 
-def root_of_verdict(v, kernel: str):
+def root_of_verdict(v, kernel: str, attribute=root_cause_of):
     """The RootCause a campaign on real kernel `kernel` (its version) files
-    a Verdict under: a confirmed one is the model's divergence, attributed;
-    a model gap and a new-bug candidate are named by the era and by the kinds
-    of divergence the model and the kernel show ('none' for no divergence)."""
+    a Verdict under: a confirmed one is the model's divergence, attributed
+    (by `attribute`: a campaign passes its cache); a model gap and a new-bug
+    candidate are named by the era and by the kinds of divergence the model
+    and the kernel show ('none' for no divergence)."""
     from stepfuzz.oracle.kvm.attribute import RootCause
     from stepfuzz.oracle.realkvm.check import CONFIRMED, NEW_BUG
     if v.verdict == CONFIRMED:
-        return root_cause_of(v.model)
+        return attribute(v.model)
     era = v.model.era.id
     model_kind = v.model.divergence.kind if v.model.divergence else "none"
     real = v.kernel.divergence

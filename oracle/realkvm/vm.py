@@ -305,8 +305,13 @@ class Session:
         self.con.send(encode(send).encode())
 
         def case_deadline() -> float:
+            # the runner writes a case's lines when it ends, `begin` included:
+            # after an end, the next case may already be running its budget
             cur = self.parser.current
-            return time.monotonic() + (budgets.get(cur, 0.0) if cur is not None else 0.0) + GRACE
+            if cur is None:
+                left = [b for i, b in budgets.items() if i not in self.parser.traces]
+                return time.monotonic() + max(left, default=0.0) + GRACE
+            return time.monotonic() + budgets.get(cur, 0.0) + GRACE
 
         self._pump(lambda: self.parser.done, time.monotonic() + GRACE + (max(budgets.values()) if budgets else 0),
                    "host-timeout", case_deadline)
