@@ -86,7 +86,7 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
         if shortcut is not None and shortcut.skip(stops, exits, pending):
             last_retired = cpu.retired
             continue
-        immediate = preempt = False
+        immediate = preempt = signal = False
         if pending:
             actions, pending = pending, []
             names = []
@@ -98,7 +98,7 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
                 if e.what == "immediate-exit":
                     immediate = True
                 elif e.what == "signal":
-                    kernel.signal = True
+                    signal = True             # raised just before the KVM_RUN below, as the runner does
                 elif e.what == "preempt":
                     preempt = True
                 elif e.what == "debug":
@@ -125,6 +125,8 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
                 cpu.why.extend(names)
             if outcome in (Outcome.UNSUPPORTED, Outcome.LEFT_CODE):
                 break
+        if signal:
+            kernel.signal = True
         ret = kernel.ioctl_run(immediate_exit=immediate, preempt=preempt)
         mmio_open = False
         while len(skipped) < len(cpu.skipped):

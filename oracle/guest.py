@@ -48,7 +48,7 @@ ESR_IL = 1 << 25                  # a 32-bit instruction
 ISS_FP_TRAP = 0x1E00000
 # where each kind of exception taken from EL1 with SP_EL1 enters (VBAR_EL1 + offset)
 VECTOR_OF = {"svc": "sync", "undef": "sync", "fp": "sync", "irq": "irq", "fiq": "fiq"}
-LINE_MASKS = (("fiq", 1 << 6), ("irq", 1 << 7))   # each interrupt line and its PSTATE mask bit; FIQ first, as QEMU
+LINE_MASKS = (("irq", 1 << 7), ("fiq", 1 << 6))   # each line and its PSTATE mask bit; IRQ first: the lines are virtual (HCR_EL2.VI/VF) and QEMU takes VIRQ before VFIQ
 BUDGET_SLACK = 2                  # instructions run past max_steps, for models that overshoot
 
 FETCH, READ, WRITE = ucc.UC_MEM_FETCH, ucc.UC_MEM_READ, ucc.UC_MEM_WRITE

@@ -46,7 +46,7 @@ def reference(log: ExecLog) -> RefTrace:
     trace = converse(kernel, kernel, case, Schedule(case))
     final = kernel.log.final_regs() if kernel.log is not log else None
     return RefTrace([s.pc for s in trace.stops], trace.outcome, trace.detail, trace.stops, trace.tail, final,
-                    kernel.singlestep)
+                    kernel.singlestep, kernel.log.irq_at_end)
 
 
 def _talks(log: ExecLog) -> bool:

@@ -113,6 +113,7 @@ class RefTrace:
     tail: tuple[Exit, ...] = ()
     final_regs: dict[str, int] | None = None   # when the VMM's writes took it off the ideal path
     stepping_at_end: bool = True       # False: it ran past max_steps with nothing stepping
+    irq_at_end: str | None = None      # an interrupt taken at the end of the code (before a breakpoint there)
 
     @property
     def stops(self) -> list[Stop]:

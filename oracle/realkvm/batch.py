@@ -128,6 +128,11 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
                          detail="the guest leaves its code with nothing stepping: a real kernel runs on wherever "
                                 "it went, and no stop shows where")
+    if ref.outcome == Outcome.END and not ref.stepping_at_end and ref.irq_at_end:
+        # the interrupt comes before the VMM's breakpoint at the end (as it does before any breakpoint)
+        return RealTrace(case.source, end=f"{NOT_COMPARABLE}:runs-free",
+                         detail=f"the guest takes an {ref.irq_at_end} at the end of its code with nothing stepping: "
+                                "the breakpoint there never fires and it runs on in the handler")
     if ref.outcome in (Outcome.UNSUPPORTED, Outcome.GUEST_EXCEPTION):
         return RealTrace(case.source, end=f"{NOT_COMPARABLE}:{ref.outcome}", detail=ref.detail)
     if touches_redistributor(case, log):

@@ -40,7 +40,7 @@ CROSS_LIBC_PACKAGE = "libc6-dev-arm64-cross"
 CFLAGS = ["-static", "-O2", "-Wall", "-Werror"]
 BOOT_TIMEOUT = 120.0          # seconds until the runner says it is ready
 GRACE = 15.0                  # seconds of slack per case, and for QEMU to exit
-TAIL_LINES = 25
+TAIL_LINES = 80          # enough for a kernel WARNING and its stack before a panic
 # `max` with QEMU's implementation-defined pointer-authentication hash: Debian
 # kernels sign every return address and TCG's QARMA5 makes boot 3-4x slower.
 # It changes no ID field KVM's single-step or emulation paths depend on.
