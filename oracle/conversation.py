@@ -116,7 +116,7 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
                         counts["eintr"] += 1
                         pending += schedule.at("eintr", counts["eintr"])
                     kernel.set_one_reg(e.reg, e.value)
-                    if e.reg == "pc" and not case.base <= e.value <= case.end and e.value not in case.handler_words:
+                    if e.reg == "pc" and e.value != case.end and case.code_word(e.value) is None:
                         # the guest would go on outside its code: the run is over,
                         # and the actions after this one are never taken
                         outcome, detail = Outcome.LEFT_CODE, f"the VMM wrote pc = {e.value:#x}, outside the code"
@@ -146,7 +146,7 @@ def converse(kernel, cpu: Cpu, case: Case, schedule: Schedule, stop_at: RefTrace
             if cpu.pc == case.end:
                 outcome, detail = Outcome.END, ""
                 break
-            if not case.base <= cpu.pc < case.end and cpu.pc not in case.handler_words:
+            if case.code_word(cpu.pc) is None:
                 # a stop outside the code ends the run there, as a VMM sees it:
                 # the actions meant for this stop are never taken
                 outcome, detail = Outcome.LEFT_CODE, f"a stop at {cpu.pc:#x}, outside the code"

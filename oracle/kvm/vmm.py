@@ -55,8 +55,7 @@ class _Shared:
         handled = set(log.specials) | self.irq_before | self.irq_after | self.signal_on_trap
         if odd:
             handled.update(i for i in range(n) if pcs[i] in odd)
-        case = log.case
-        if n and (pcs[n] == end or not case.base <= pcs[n] < end and pcs[n] not in case.handler_words):
+        if n and (pcs[n] == end or log.case.code_word(pcs[n]) is None):
             # the guest stops at the end, or outside its code (converse ends the
             # run there): only its last instruction reaches it
             handled.add(n - 1)
