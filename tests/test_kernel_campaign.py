@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import REPO, stepfuzz, survivors
 from stepfuzz.oracle.kvm.eras import ERAS
 from stepfuzz.oracle.realkvm.batch import RealTrace

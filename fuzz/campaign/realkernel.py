@@ -19,7 +19,9 @@ whatever order the VMs finish them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import queue
 import random
 import signal
@@ -34,11 +36,12 @@ from pathlib import Path
 from stepfuzz.oracle.case import Case
 from stepfuzz.oracle.compare import Divergence
 from stepfuzz.oracle.guest import ExecLog, execute
+from stepfuzz.oracle.reference import reference
 from stepfuzz.oracle.kvm.eras import Era, select
-from stepfuzz.oracle.realkvm import RealKvmError, kernels, last_line
+from stepfuzz.oracle.realkvm import RealKvmError, cache_root, kernels, last_line
 from stepfuzz.oracle.realkvm import vm as realvm
 from stepfuzz.oracle.realkvm.batch import RealTrace, infer_steps, skip_reason
-from stepfuzz.oracle.realkvm.check import CONFIRMED, MODEL_GAP, NEW_BUG, Verdict, compare_one, judge
+from stepfuzz.oracle.realkvm.check import CONFIRMED, MODEL_GAP, NEW_BUG, compare_one, judge
 from stepfuzz.oracle.run import Result
 from stepfuzz.oracle.trace import Trace
 from stepfuzz.oracle.vocabulary import DivergenceKind
@@ -47,13 +50,13 @@ from stepfuzz.fuzz.campaign.supervisor import (STATS_EVERY_S, CampaignError, _ap
                                                status_line, summary)
 from stepfuzz.fuzz.findings.crashdir import OutputError, crash_dirs, now_iso, write_atomic
 from stepfuzz.fuzz.findings.report import model_vs_real_table
-from stepfuzz.fuzz.findings.rootcause import REAL_PREFIX, root_of_verdict
+from stepfuzz.fuzz.findings.rootcause import root_of_verdict, root_of_vm_death
 from stepfuzz.fuzz.findings.store import CrashStore
 from stepfuzz.fuzz.harness.confirm import RootCauses
 from stepfuzz.fuzz.harness.workers import WorkerStats, rss_kb
 from stepfuzz.fuzz.inputs import generate as G
 from stepfuzz.fuzz.inputs.encoding import MAX_STEPS_BOUND, NotACase, decode_input, encode
-from stepfuzz.fuzz.inputs.mutate import FRESH_SHARE, MAX_WORDS, mutate_case
+from stepfuzz.fuzz.inputs.mutate import FRESH_SHARE, crossover, mutate_case
 
 BATCH = 32                 # cases per batch: a VM's unit of work (and what a restart retries)
 QUEUED_PER_WORKER = 2      # batches waiting per worker, so a VM never waits for the host
@@ -196,7 +199,6 @@ class VmWorker(threading.Thread):
 
 
 def kernels_root(cfg: KernelConfig) -> Path:
-    from stepfuzz.oracle.realkvm import cache_root
     return cache_root(cfg.cache)
 
 
@@ -239,7 +241,6 @@ class Corpus:
 
     def add(self, case: Case) -> None:
         data = encode(case)
-        import hashlib
         write_atomic(self.root / hashlib.sha1(data).hexdigest(), data)
         self.cases.append(case)
 
@@ -264,10 +265,7 @@ class Inputs:
         else:
             case = mutate_case(rng, rng.choice(self.corpus.cases))
             if rng.random() < 0.1:                  # a crossover now and then
-                other = rng.choice(self.corpus.cases)
-                i, j = rng.randint(0, len(case.words)), rng.randint(0, len(other.words))
-                from dataclasses import replace
-                case = replace(case, words=(case.words[:i] + other.words[j:])[:MAX_WORDS] or case.words)
+                case = crossover(rng, case, rng.choice(self.corpus.cases))
             try:                                    # what the fuzzing decoder makes valid, as in-process
                 case = decode_input(encode(case))
             except NotACase:
@@ -287,7 +285,6 @@ class Tally:
         self.not_sent: Counter = Counter()       # why generated cases were not sent
         self.errors: Counter = Counter()         # how the failed ones ended
         self.host_s = 0.0                        # generating, running the models, judging (the main thread)
-        self.unstable = 0
 
 
 def _crash_result(case: Case, log: ExecLog, era: Era, real: RealTrace, ref) -> Result:
@@ -332,7 +329,7 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
     write_atomic(cfg.crashes / "campaign.json", json.dumps(
         {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
          "eras": era.id, "kernel_mark": mark, "seed": seed, "started": started, "started_iso": now_iso(),
-         "pid": __import__("os").getpid()}, indent=2))
+         "pid": os.getpid()}, indent=2))
     store = CrashStore(cfg.crashes, worker=f"kernel-{mark['name']}", started=started, target=mark)
     progress = WorkerStats(cfg.crashes, started)
     inputs = Inputs(corpus, random.Random(seed), cfg.max_steps)
@@ -359,16 +356,21 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
     tty = sys.stderr.isatty() and not cfg.quiet
     fatal = ""
 
+    def runs_left() -> int | None:
+        """Cases still to send under --runs (None: no bound)."""
+        return None if cfg.runs is None else cfg.runs - tally.cases - sum(len(j.cases) for j, _ in jobs.values())
+
     def want_more() -> bool:
         if stopping or fatal or (deadline and time.time() >= deadline):
             return False
-        return cfg.runs is None or tally.cases + sum(len(j.cases) for j, _ in jobs.values()) < cfg.runs
+        left = runs_left()
+        return left is None or left > 0
 
     def build() -> Job | None:
         nonlocal next_id, number
         cases: dict[int, tuple[Case, ExecLog]] = {}
-        limit = cfg.batch if cfg.runs is None else min(cfg.batch, cfg.runs - tally.cases
-                                                        - sum(len(j.cases) for j, _ in jobs.values()))
+        left = runs_left()
+        limit = cfg.batch if left is None else min(cfg.batch, left)
         tries = 0
         while len(cases) < limit and tries < 8 * cfg.batch:
             tries += 1
@@ -394,9 +396,8 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
         if c.status == "error":
             tally.errors[f"{real.end}: {real.detail}"[:120]] += 1
             if real.detail == realvm.UNFINISHED:
-                from stepfuzz.oracle.reference import reference
                 r = _crash_result(case, log, era, real, reference(log))
-                root = _crash_root(era, r, mark)
+                root = root_of_vm_death(r, mark["version"] or "host")
                 _keep(r, root, f"the VM died: {real.end}\nconsole (last lines):\n  "
                       + real.console.replace("\n", "\n  "), confirmed=True)
             return
@@ -428,8 +429,7 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
                     retry.append(case)
                 return
         if store.record(result, root, tally.cases, extra):
-            say(f"\nstepfuzz: new on {mark['name']}: {root.signature}  [{store.dir(rid).path}]" if tty else
-                f"stepfuzz: new on {mark['name']}: {root.signature}  [{store.dir(rid).path}]")
+            say(("\n" if tty else "") + f"stepfuzz: new on {mark['name']}: {root.signature}  [{store.dir(rid).path}]")
 
     def snapshot() -> dict:
         now = time.time()
@@ -521,14 +521,6 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
 
 def _status(snap: dict) -> str:
     return status_line(snap) + f"  restarts {snap['restarts']}"
-
-
-def _crash_root(era: Era, r: Result, mark: dict):
-    from stepfuzz.oracle.kvm.attribute import RootCause
-    cause = r.divergence.cause if r.divergence else "vm"
-    return RootCause(f"{REAL_PREFIX}{era.id}/{cause}", DivergenceKind.OUTCOME, "real-kernel", (), "", (), (),
-                     f"this case killed the VM on Linux {mark['version'] or 'host'} every time it ran "
-                     f"({cause}): a kernel crash or hang no model explains")
 
 
 def agreement(t: Tally, name: str, era: Era, snap: dict) -> str:

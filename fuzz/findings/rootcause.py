@@ -60,3 +60,14 @@ def root_of_verdict(v, kernel: str, attribute=root_cause_of):
                      f"era {era}'s model shows {model_kind if model_kind != 'none' else 'the reference stops'}, "
                      f"Linux {kernel} shows {real_kind if real else 'the reference stops'}: the model does not "
                      "stand for this kernel (a bug in stepfuzz)")
+
+
+def root_of_vm_death(r, kernel: str):
+    """The RootCause of a case that killed the VM on real kernel `kernel`
+    every time it ran (its Result's divergence names how it died)."""
+    from stepfuzz.oracle.kvm.attribute import RootCause
+    from stepfuzz.oracle.vocabulary import DivergenceKind
+    cause = r.divergence.cause
+    return RootCause(f"{REAL_PREFIX}{r.era.id}/{cause}", DivergenceKind.OUTCOME, "real-kernel", (), "", (), (),
+                     f"this case killed the VM on Linux {kernel} every time it ran ({cause}): a kernel crash "
+                     "or hang no model explains")

@@ -166,10 +166,15 @@ def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
     return _fit(mutate_case(rnd, _start(data, rnd)), max_size)
 
 
-def custom_crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
-    rnd = random.Random(seed)
-    a, b = _start(data1, rnd), _start(data2, rnd)
+def crossover(rnd: random.Random, a: Case, b: Case) -> Case:
+    """The head of a's program and the tail of b's, with some of both's events."""
     i, j = rnd.randint(0, len(a.words)), rnd.randint(0, len(b.words))
     words = a.words[:i] + b.words[j:] or a.words
     events = tuple(rnd.sample(a.events + b.events, min(len(a.events + b.events), rnd.randint(0, 4))))
-    return _fit(replace(a, words=words[:MAX_WORDS], events=events), max_size)
+    return replace(a, words=words[:MAX_WORDS], events=events)
+
+
+def custom_crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
+    rnd = random.Random(seed)
+    a, b = _start(data1, rnd), _start(data2, rnd)
+    return _fit(crossover(rnd, a, b), max_size)
