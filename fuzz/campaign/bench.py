@@ -41,6 +41,7 @@ from stepfuzz.oracle.run import check
 from stepfuzz.oracle.vocabulary import Outcome
 
 from stepfuzz.fuzz.inputs import generate as G
+from stepfuzz.fuzz.campaign.realkernel import STAGES, time_shares
 from stepfuzz.fuzz.campaign.supervisor import STEPFUZZ_COMMAND
 
 SIZES = (16, 64, 256)
@@ -229,14 +230,11 @@ def kernel_rate(kernel: str, seconds: float, jobs: int) -> dict:
             tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"the campaign on {kernel} ran nothing (exit {done.returncode}): {tail[0]}")
     elapsed, cases, boot = last["elapsed_s"], last["execs"], last["boot_s"] / max(1, last["boots"])
-    batch = last["vm_batch_s"] or 1e-9
     return {"kernel": kernel, "jobs": jobs, "cases": cases, "seconds": elapsed,
             "cases_per_min": round(60 * cases / elapsed, 1),
             "cases_per_min_boot_excluded": round(60 * cases / max(1e-9, elapsed - boot), 1),
-            "boot_s": round(boot, 1),
-            "share_kvm_run": round(last["vm_kvm_run_s"] / batch, 3),
-            "share_runner": round(max(0.0, last["vm_guest_cases_s"] - last["vm_kvm_run_s"]) / batch, 3),
-            "share_channel": round(max(0.0, batch - last["vm_guest_cases_s"]) / batch, 3),
+            "boot_s": round(boot, 1), "ms_per_case_per_vm": round(1000 * last["vm_batch_s"] / max(1, cases), 1),
+            **{f"share_{k}": v for k, v in time_shares(last).items()},
             "host_s": last["host_s"]}
 
 
@@ -246,7 +244,7 @@ def kernel_table(r: dict) -> str:
         f"kernel {r['kernel']}, {r['jobs']} VM(s), {r['seconds']:.0f} s: {r['cases']:,} cases",
         f"cases_per_min (boot included): {r['cases_per_min']:,.0f}",
         f"cases_per_min_boot_excluded: {r['cases_per_min_boot_excluded']:,.0f} (a boot takes {r['boot_s']} s)",
-        f"a batch's round trip: inside KVM_RUN {100 * r['share_kvm_run']:.0f}% (the guest and KVM under QEMU TCG), "
-        f"the runner around it {100 * r['share_runner']:.0f}% (a fresh VM per case, its memory and registers), "
-        f"the channel {100 * r['share_channel']:.0f}% (the serial console)",
+        f"a case takes {r['ms_per_case_per_vm']} ms of one VM's time: "
+        + ", ".join(f"{what} {100 * r['share_' + k]:.0f}%" for k, what in STAGES.items())
+        + f"; inside KVM_RUN {100 * r['share_kvm_run']:.0f}% (the guest and KVM under QEMU TCG)",
         f"host side (generating, models, judging; overlaps the VMs): {r['host_s']:.0f} s"])

@@ -40,7 +40,7 @@ from stepfuzz.oracle.reference import reference
 from stepfuzz.oracle.kvm.eras import Era, select
 from stepfuzz.oracle.realkvm import RealKvmError, cache_root, kernels, last_line
 from stepfuzz.oracle.realkvm import vm as realvm
-from stepfuzz.oracle.realkvm.batch import RealTrace, infer_steps, skip_reason
+from stepfuzz.oracle.realkvm.batch import TIMING, RealTrace, infer_steps, skip_reason
 from stepfuzz.oracle.realkvm.check import CONFIRMED, MODEL_GAP, NEW_BUG, compare_one, judge
 from stepfuzz.oracle.run import Result
 from stepfuzz.oracle.trace import Trace
@@ -101,7 +101,7 @@ class VmWorker(threading.Thread):
         self.session: realvm.Session | None = None
         self.boots = self.restarts = self.boot_failures = 0
         self.boot_seconds = 0.0
-        self.time = Counter()       # seconds: batch (as the host waits), guest_batch, guest_cases, kvm_run
+        self.time = Counter()       # seconds: batch (as the host waits), and batch.TIMING's
         self.failures: list[str] = []   # why each VM died (the campaign says so as it happens)
         self.fatal = ""
 
@@ -157,10 +157,7 @@ class VmWorker(threading.Thread):
             t0 = time.monotonic()
             traces, problem = s.run(pending)
             self.time["batch"] += time.monotonic() - t0
-            if len(s.parser.timing) == 3:
-                run_us, cases_us, batch_us = s.parser.timing
-                self.time.update({"kvm_run": run_us / 1e6, "guest_cases": cases_us / 1e6,
-                                  "guest_batch": batch_us / 1e6})
+            self.time.update(s.parser.timing)
             out.update(traces)
             if not problem:
                 break
@@ -448,7 +445,7 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
                 "statuses": dict(tally.statuses), "verdicts": dict(tally.verdicts),
                 "not_sent": sum(tally.not_sent.values()), "host_s": round(tally.host_s, 1),
                 **{f"vm_{k}_s": round(sum(w.time[k] for w in workers), 1)
-                   for k in ("batch", "guest_batch", "guest_cases", "kvm_run")}}
+                   for k in ("batch", *TIMING)}}
 
     try:
         while True:
@@ -536,14 +533,31 @@ def agreement(t: Tally, name: str, era: Era, snap: dict) -> str:
             + "".join(f"\n  failed x{n}: {why}" for why, n in t.errors.most_common(5)))
 
 
-def where_time_goes(snap: dict) -> str:
-    """What dominates a campaign on a real kernel, from the runner's own
-    clock (inside KVM_RUN; whole cases) and the host's (a batch's round trip)."""
-    batch, guest_batch, cases, run = (snap[f"vm_{k}_s"] for k in ("batch", "guest_batch", "guest_cases", "kvm_run"))
+# What a batch's round trip is spent on (runner.c `done`): the stages of a
+# case on the runner's clock, and the channel, the rest of the host's wait.
+STAGES = {"vm_setup": "a new VM per case, its memory and registers", "prefault": "the prefault prologue",
+          "stepping": "stepping", "vm_teardown": "tearing the VM down",
+          "channel": "the serial console, both ways"}
+
+
+def time_shares(snap: dict) -> dict[str, float]:
+    """Each stage's share of the VMs' batch time, and inside KVM_RUN's
+    (which overlaps the prologue and stepping); {} if no batch ran."""
+    batch = snap.get("vm_batch_s", 0)
     if batch <= 0:
+        return {}
+    shares = {k: snap.get(f"vm_{k}_s", 0) / batch for k in STAGES if k != "channel"}
+    shares["channel"] = max(0.0, batch - snap.get("vm_guest_cases_s", 0)) / batch
+    shares["kvm_run"] = snap.get("vm_kvm_run_s", 0) / batch
+    return {k: round(v, 3) for k, v in shares.items()}
+
+
+def where_time_goes(snap: dict) -> str:
+    """What dominates a campaign on a real kernel, one line."""
+    shares = time_shares(snap)
+    if not shares:
         return "stepfuzz: no batch ran"
-    share = lambda x: f"{100 * x / batch:.0f}%"
-    return (f"stepfuzz: VM time {batch:.0f} s: inside KVM_RUN {share(run)} (the guest and KVM, under QEMU TCG), "
-            f"the runner around it {share(max(0.0, cases - run))} (a VM per case, memory, registers), "
-            f"the channel {share(max(0.0, batch - cases))} (the batch over the serial console, results back); "
-            f"host side {snap['host_s']:.0f} s (generating, the models, judging), {snap['boot_s']:.0f} s booting")
+    parts = ", ".join(f"{what} {100 * shares[k]:.0f}%" for k, what in STAGES.items())
+    return (f"stepfuzz: VM time {snap['vm_batch_s']:.0f} s: {parts}; inside KVM_RUN {100 * shares['kvm_run']:.0f}% "
+            f"(the guest and KVM under QEMU TCG, in the prologue and stepping); host side {snap['host_s']:.0f} s "
+            f"(generating, the models, judging), {snap['boot_s']:.0f} s booting")

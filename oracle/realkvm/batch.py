@@ -204,6 +204,12 @@ def _event_line(e: Event) -> str:
 LINE = re.compile(r"^@@sf (\S.*)$")
 
 
+# What a batch's `done` line times, in seconds: inside KVM_RUN, in whole
+# cases, the whole batch, then each stage of a case (creating the VM and
+# setting registers, the prefault prologue, stepping, tearing the VM down).
+TIMING = ("kvm_run", "guest_cases", "guest_batch", "vm_setup", "prefault", "stepping", "vm_teardown")
+
+
 class Parser:
     """Turns the runner's lines into RealTraces, as they arrive."""
 
@@ -217,11 +223,11 @@ class Parser:
         self.exec_status: str | None = None
         self._exits: list[Exit] = []
         self._records = 0
-        self.timing: tuple[int, ...] = ()
+        self.timing: dict[str, float] = {}
 
     def start_batch(self, sources: dict[int, str]) -> None:
         """A new batch on the same runner: its cases' sources, no traces yet."""
-        self.sources, self.traces, self.current, self.done, self.timing = sources, {}, None, False, ()
+        self.sources, self.traces, self.current, self.done, self.timing = sources, {}, None, False, {}
 
     def feed(self, raw: str) -> None:
         m = LINE.match(raw.rstrip("\r\n").lstrip("\r"))
@@ -233,10 +239,10 @@ class Parser:
             self.ready = True
         elif head == "done":
             self.done = True
-            try:                # time inside KVM_RUN, in whole cases, in the batch (us, the guest's clock)
-                self.timing = tuple(int(w) for w in words[1:4])
+            try:                # the guest's clock, in us (runner.c `done`)
+                self.timing = {k: int(w) / 1e6 for k, w in zip(TIMING, words[1:], strict=True)}
             except ValueError:
-                self.timing = ()
+                self.timing = {}
         elif head == "fatal":
             self.fatal = " ".join(words[1:])
         elif head == "exec-exit":

@@ -27,8 +27,9 @@
  *                                    irq-line irq|fiq LEVEL)
  *   words COUNT W1 W2 ...
  *   go                              (run the case described since `case`)
- *   end                             (the batch is over: the runner says `done RUN_US CASES_US BATCH_US`:
- *                                    time inside KVM_RUN, in whole cases, since the batch's first token)
+ *   end                             (the batch is over: the runner says `done RUN_US CASES_US BATCH_US
+ *                                    SETUP_US PREFAULT_US STEP_US TEARDOWN_US`: time inside KVM_RUN, in
+ *                                    whole cases, since the batch's first token, then in each stage of a case)
  * Output: lines "@@sf ..." (see docs/real-kvm.md); anything else on the
  * console is the kernel's.
  */
@@ -79,6 +80,7 @@ static int run_batch(FILE *f)
 	}
 	uint64_t begun = now_ns();
 	run_ns = case_ns = 0;
+	memset(stage_ns, 0, sizeof(stage_ns));
 	while (token(f, tok, sizeof(tok))) {
 		if (!strcmp(tok, "case")) {
 			memset(&c, 0, sizeof(c));
@@ -194,8 +196,10 @@ static int run_batch(FILE *f)
 			return 2;
 		}
 	}
-	out("done %llu %llu %llu", (unsigned long long)(run_ns / 1000), (unsigned long long)(case_ns / 1000),
-	    (unsigned long long)((now_ns() - begun) / 1000));
+	out("done %llu %llu %llu %llu %llu %llu %llu", (unsigned long long)(run_ns / 1000),
+	    (unsigned long long)(case_ns / 1000), (unsigned long long)((now_ns() - begun) / 1000),
+	    (unsigned long long)(stage_ns[STAGE_SETUP] / 1000), (unsigned long long)(stage_ns[STAGE_PREFAULT] / 1000),
+	    (unsigned long long)(stage_ns[STAGE_STEP] / 1000), (unsigned long long)(stage_ns[STAGE_TEARDOWN] / 1000));
 	flush_out();
 	return 0;
 }

@@ -153,8 +153,11 @@ static void flush_out(void)
 	outlen = 0;
 }
 
-/* Time inside KVM_RUN (the runner reports it with each batch's `done`). */
+/* Time inside KVM_RUN, and in each stage of a case (the runner reports
+ * them with each batch's `done`, so a benchmark can say what dominates). */
 static uint64_t run_ns;
+enum { STAGE_SETUP, STAGE_PREFAULT, STAGE_STEP, STAGE_TEARDOWN, NUM_STAGES };
+static uint64_t stage_ns[NUM_STAGES];
 
 static uint64_t now_ns(void)
 {
@@ -162,6 +165,20 @@ static uint64_t now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+static uint64_t stage_began;
+static int stage = -1;
+
+/* The current stage (if any) ends now and `next` (-1: none) begins. */
+static void stage_to(int next)
+{
+	uint64_t t = now_ns();
+
+	if (stage >= 0)
+		stage_ns[stage] += t - stage_began;
+	stage_began = t;
+	stage = next;
 }
 
 static int kvm_run(int vcpu)
@@ -755,6 +772,7 @@ static void run_case(struct casedef *c)
 	nrecorded = nwritten = 0;
 	ended[0] = ended_detail[0] = 0;
 	out("%ld begin", c->id);
+	stage_to(STAGE_SETUP);
 	arm_timer(c->timeout_ms);
 	why = unsupported(c, &dist);
 	if (why) {
@@ -837,8 +855,10 @@ static void run_case(struct casedef *c)
 		setup_fail(c, &v, "KVM_SET_SIGNAL_MASK");
 		goto out;
 	}
+	stage_to(STAGE_PREFAULT);
 	if (prefault(c, &v, taken, &ntaken, end_code) < 0)
 		goto out;
+	stage_to(STAGE_SETUP);
 
 	uint32_t *code = (uint32_t *)((uint8_t *)home->host + (c->base - home->base));
 	put_words(code, c->words, c->nwords);
@@ -867,8 +887,10 @@ static void run_case(struct casedef *c)
 		setup_fail(c, &v, "KVM_SET_GUEST_DEBUG");
 		goto out;
 	}
+	stage_to(STAGE_STEP);
 	step_loop(c, &v, end_code);
 out:
+	stage_to(STAGE_TEARDOWN);
 	disarm_timer();
 	if (v.run)
 		munmap(v.run, (size_t)kvm_run_size);
@@ -885,6 +907,7 @@ out:
 			munmap(c->reg[i].host, c->reg[i].size);
 			c->reg[i].host = NULL;
 		}
+	stage_to(-1);
 	flush_out();
 }
 
