@@ -114,6 +114,18 @@ def test_runner_refusals_are_reported_not_compared(checked, extra_cases):
         assert wfi["status"] == "not-comparable:unsupported"
 
 
+def test_a_preempt_migrates_to_the_second_cpu_brought_online_for_it(checked):
+    """The guest boots with CPU 1 offline; a batch with a `preempt` brings it
+    online, else the runner notes that it cannot move the vCPU thread."""
+    preempts = [c for c in CORPUS_FILES if any(e.what == "preempt" for e in load_case(REPO / c).events)]
+    assert len(preempts) >= 2
+    for name in KERNELS:
+        for c in preempts:
+            line = checked[name][c]
+            assert line["status"] == "identical", (name, c, line)
+            assert not [n for n in line["real"].get("notes", []) if "preempt" in n], (name, c, line["real"]["notes"])
+
+
 # ---------------------------------------------------------------- the measured table (kvm-single-step.md §4)
 
 def _stop_at(trace: dict, pc: int) -> dict:

@@ -40,7 +40,7 @@ from stepfuzz.oracle.reference import reference
 from stepfuzz.oracle.kvm.eras import Era, select
 from stepfuzz.oracle.realkvm import RealKvmError, cache_root, kernels, last_line
 from stepfuzz.oracle.realkvm import vm as realvm
-from stepfuzz.oracle.realkvm.batch import TIMING, RealTrace, infer_steps, skip_reason
+from stepfuzz.oracle.realkvm.batch import TIMING, RealTrace, infer_steps, needs_second_cpu, skip_reason
 from stepfuzz.oracle.realkvm.check import CONFIRMED, MODEL_GAP, NEW_BUG, compare_one, judge
 from stepfuzz.oracle.run import Result
 from stepfuzz.oracle.trace import Trace
@@ -347,6 +347,10 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
     jobs: dict[int, tuple[Job, dict[int, tuple[Case, ExecLog]]]] = {}
     next_id = number = 0
     retry: list[Case] = []                      # cases to run again before a verdict is kept
+    # generated cases waiting for a batch, by needs_second_cpu: cases with a
+    # `preempt` go in batches of their own, as the runner brings the guest's
+    # second CPU online for such a batch only
+    held: dict[bool, dict[int, tuple[Case, ExecLog]]] = {False: {}, True: {}}
     stats_path = cfg.crashes / "stats.jsonl"
     next_stats = time.time()
     recent: list[tuple[float, int]] = []
@@ -355,21 +359,19 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
 
     def runs_left() -> int | None:
         """Cases still to send under --runs (None: no bound)."""
-        return None if cfg.runs is None else cfg.runs - tally.cases - sum(len(j.cases) for j, _ in jobs.values())
+        return None if cfg.runs is None else (cfg.runs - tally.cases - sum(map(len, held.values()))
+                                              - sum(len(j.cases) for j, _ in jobs.values()))
 
     def want_more() -> bool:
         if stopping or fatal or (deadline and time.time() >= deadline):
             return False
         left = runs_left()
-        return left is None or left > 0
+        return left is None or left > 0 or any(held.values())
 
     def build() -> Job | None:
         nonlocal next_id, number
-        cases: dict[int, tuple[Case, ExecLog]] = {}
-        left = runs_left()
-        limit = cfg.batch if left is None else min(cfg.batch, left)
         tries = 0
-        while len(cases) < limit and tries < 8 * cfg.batch:
+        while runs_left() != 0 and all(len(h) < cfg.batch for h in held.values()) and tries < 8 * cfg.batch:
             tries += 1
             case = retry.pop() if retry else inputs.next()
             log = execute(case)
@@ -377,10 +379,16 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
             if why is not None:
                 tally.not_sent[why.end] += 1
                 continue
-            cases[next_id] = (case, log)
+            held[needs_second_cpu(case)][next_id] = (case, log)
             next_id += 1
-        if not cases:
+        kind = next((k for k in (True, False) if len(held[k]) >= cfg.batch), None)
+        if kind is None:
+            # no full batch: the ordinary cases go as they are; the two-CPU
+            # ones wait for more, unless no more will come (--runs reached)
+            kind = False if held[False] else True if held[True] and runs_left() == 0 else None
+        if kind is None:
             return None
+        cases, held[kind] = held[kind], {}
         number += 1
         return Job(number, [(i, c) for i, (c, _) in cases.items()]), cases
 

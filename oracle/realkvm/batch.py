@@ -154,6 +154,12 @@ def skip_reason(case: Case, log: ExecLog, era: Era | None = None) -> RealTrace |
     return None
 
 
+def needs_second_cpu(case: Case) -> bool:
+    """Does the case migrate the vCPU thread (a `preempt`)?  The runner
+    brings the guest's second CPU online for it (runner.c need_cpus_for)."""
+    return any(e.what == "preempt" for e in case.events)
+
+
 # ---------------------------------------------------------------- batch file
 
 def encode(cases: list[tuple[int, Case]]) -> str:

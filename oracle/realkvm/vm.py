@@ -52,7 +52,8 @@ def qemu_command(kernel: Path, initrd: Path) -> list[str]:
             "-nographic", "-no-reboot",
             # no network: the default NIC needs an option ROM Debian ships only in a recommended package
             "-nic", "none", "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyAMA0 panic=-1 quiet"]
+            # the second CPU stays offline until a case needs it (runner.c need_cpus_for)
+            "-append", "console=ttyAMA0 panic=-1 quiet maxcpus=1"]
 
 
 def native() -> bool:
