@@ -78,6 +78,10 @@ CPACR_EL1 = (3, 0, 1, 0, 2)
 DAIF = 0x3C0
 
 Write = tuple[int, str, int]      # (instructions completed, register, value): a write from outside the guest
+# A pseudo-register a model writes before a store-exclusive (ExecLog.with_monitor):
+# the dynamic index of the guest's last entry from EL2, whose exception return
+# cleared the exclusive monitor.  Without it a store-exclusive fails.
+MONITOR_SINCE = "monitor-since"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,26 @@ class ExecLog:
         """Addresses of the case's load-exclusive instructions (their step syndrome says so)."""
         case = self.case
         return frozenset(case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive)
+
+    @cached_property
+    def store_exclusive_pcs(self) -> frozenset[int]:
+        case = self.case
+        return frozenset(case.base + 4 * i for i, w in enumerate(case.words)
+                         if decode(w).kind == InsnClass.STORE_EXCLUSIVE)
+
+    def with_monitor(self, idx: int, entered: int) -> "ExecLog":
+        """The execution where the store-exclusive at dynamic index `idx` (if
+        it is one) meets the exclusive monitor as the guest's last entry,
+        before instruction `entered`, left it: every exception return from EL2
+        clears it, so under stepping every store-exclusive fails, and one that
+        runs free after its load-exclusive, with no exit between, succeeds.
+        A model calls this where stepping is off."""
+        if idx >= self.n or self.pcs[idx] not in self.store_exclusive_pcs:
+            return self
+        write = (idx, MONITOR_SINCE, entered)
+        if [w for w in self.writes if w[:2] == write[:2]][-1:] == [write]:
+            return self
+        return self.again(write)
 
     def final_regs(self) -> dict[str, int]:
         """x0-x30 and sp when the run ended (re-executes the case: rarely needed)."""
@@ -308,6 +332,7 @@ class Machine:
         self.fault: tuple[int, int] | None = None
         self.code_pages: dict[int, int] = {}
         self.stale_pages: dict[int, int] = {}   # the last case's code pages, while Unicorn may look them up
+        self.monitor_hooks: list[int] = []
 
     # ------------------------------------------------------------ layout
 
@@ -340,6 +365,12 @@ class Machine:
             self._new_code_slot(case)
             stops = [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
             stops += [a for a, w in case.handler_words.items() if decode(w).stops]
+            # the exclusive monitor sees each load-exclusive's address as it runs
+            for hook in self.monitor_hooks:
+                uc.hook_del(hook)
+            loads = [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive]
+            loads += [a for a, w in case.handler_words.items() if decode(w).load_exclusive]
+            self.monitor_hooks = [uc.hook_add(ucc.UC_HOOK_CODE, self._on_load_exclusive, None, a, a) for a in loads]
             # An exit address on the first word of a page makes Unicorn probe
             # a fetch below that page when a run ends elsewhere; a block always
             # starts there (no translation crosses a page), so the block hook
@@ -544,6 +575,7 @@ class Machine:
             self._ending(pc, Outcome.UNSUPPORTED, f"eret to the misaligned {elr:#x} is not modelled")
             return pc
         set_pstate(uc, spsr & ~PSTATE_SS)
+        self.monitor = None               # an exception return clears the local monitor
         return self._complete(pc, None, elr)
 
     def _interrupt(self) -> str | None:
@@ -616,6 +648,8 @@ class Machine:
         self.outcome: str | None = None
         self.detail, self.stop_pc = "", case.base
         self.dbgregs: dict[str, int] = {}
+        self.monitor: tuple[int, int, int] | None = None    # the last load-exclusive: (index, address, size)
+        self.monitor_since: int | None = None               # MONITOR_SINCE for the next store-exclusive
         pending: dict[int, list[tuple[str, int]]] = {}
         for i, reg, value in writes:
             pending.setdefault(i, []).append((reg, value))
@@ -702,6 +736,8 @@ class Machine:
                 pc = value
             elif reg in ("irq", "fiq"):
                 self.lines[reg] = value
+            elif reg == MONITOR_SINCE:
+                self.monitor_since = value
             elif reg == "daif":
                 pstate = self.regs[A.UC_ARM64_REG_PSTATE]
                 self.regs[A.UC_ARM64_REG_PSTATE] = (pstate & ~DAIF) | value
@@ -766,12 +802,7 @@ class Machine:
         """Emulation stopped before an instruction that cannot run natively."""
         insn = decode(self._word(pc))
         if insn.kind == InsnClass.STORE_EXCLUSIVE:
-            # Every stepped instruction follows an exception return, which
-            # clears the exclusive monitor: a store-exclusive always fails,
-            # without accessing memory (as QEMU implements it).
-            if insn.rs != 31:
-                self.regs[X_REGS[insn.rs]] = 1
-            return self._complete(pc, None)
+            return self._store_exclusive(pc, insn)
         if insn.kind == InsnClass.BRK:
             # A debug exit to the VMM (MDCR_EL2.TDE): the guest waits at it
             # until the VMM moves it on.
@@ -785,6 +816,51 @@ class Machine:
             return self._eret(pc)
         self._ending(pc, Outcome.UNSUPPORTED, f"{insn.reason} is not modelled")
         return pc
+
+    # ------------------------------------------------------------ the exclusive monitor
+
+    def _on_load_exclusive(self, uc: Uc, pc: int, _size: int, _data) -> None:
+        """A load-exclusive is about to run: the local monitor marks its
+        address (LDXR/LDAXR/LDXP take [Xn|SP] only)."""
+        word = self._word(pc)
+        size = decode(word).size * (2 if (word >> 21) & 1 else 1)       # a pair marks both
+        self.monitor = (self._index(pc), self._base_reg((word >> 5) & 31), size)
+
+    def _store_exclusive(self, pc: int, insn: Insn) -> int:
+        """STXR/STLXR/STXP/STLXP.  The monitor was cleared by every exception
+        return since the guest's last entry (`monitor_since`, which only a
+        model that runs the guest free writes; otherwise every store-exclusive
+        fails, as it does under stepping): it succeeds if its load-exclusive
+        came after that entry, at the same address and size (QEMU compares
+        the address; the architecture leaves a mismatch IMPLEMENTATION
+        DEFINED), and stores; else it fails without accessing memory."""
+        word, since = self._word(pc), self.monitor_since
+        self.monitor_since = None
+        pair = (word >> 21) & 1
+        addr, size = self._base_reg((word >> 5) & 31), insn.size * (2 if pair else 1)
+        ok = since is not None and self.monitor is not None and self.monitor[0] >= since \
+            and self.monitor[1:] == (addr, size)
+        self.monitor = None
+        if ok:
+            data = b"".join((0 if r == 31 else self.regs[X_REGS[r]] & ((1 << (8 * insn.size)) - 1))
+                            .to_bytes(insn.size, "little") for r in ((insn.rt, (word >> 10) & 31) if pair else (insn.rt,)))
+            if not self._store(pc, addr, data):
+                return pc
+        if insn.rs != 31:
+            self.regs[X_REGS[insn.rs]] = 0 if ok else 1
+        return self._complete(pc, None)
+
+    def _store(self, pc: int, addr: int, data: bytes) -> bool:
+        """A store the guest CPU does itself, into RAM its load-exclusive
+        already touched (else the run ends, unsupported)."""
+        for base, end, off, _ in self.ram:
+            if base <= addr and addr + len(data) <= end and (addr & ~(PAGE - 1)) not in self.code_pages:
+                phys = ARENA + off + (addr - base)
+                self.uc.mem_write(phys, data)
+                self.dirty.update(range(phys & ~(SUBPAGE - 1), phys + len(data), SUBPAGE))
+                return True
+        self._ending(pc, Outcome.UNSUPPORTED, f"a store-exclusive that succeeds at {addr:#x}, outside data RAM")
+        return False
 
     def _smc(self, pc: int, imm: int) -> int:
         """SMC, trapped by HCR_EL2.TSC and emulated by KVM as the era's SmcAbi says."""

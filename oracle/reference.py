@@ -76,6 +76,7 @@ class IdealKvm:
         self.signal_on_trap = {e.at - 1 for e in log.case.events if e.when == "trap"}   # by dynamic index
         self.why: list[str] = []
         self.skipped: list[int] = []
+        self.entered = 0               # the instruction the guest's last entry from EL2 began at
 
     # ------------------------------------------------------------ ioctls
 
@@ -104,13 +105,20 @@ class IdealKvm:
             self.signal = False
             return RunResult.EINTR
         budget = self.case.max_steps + BUDGET_SLACK
+        self.entered = self.idx
         while True:
             if self.singlestep and self.owed:
                 self.owed = False
                 return self._debug(HSR_NOT_STEPPED)
             if self.retired >= budget:        # (as the models bound a guest that runs free)
                 return self._end(Outcome.MAX_STEPS, "")
-            log, idx = self.log, self.idx
+            idx = self.idx
+            special = self.log.specials.get(idx) if idx <= self.log.n else None
+            if not self.singlestep:
+                if special is not None and special.faults:
+                    self.entered = idx         # it runs again after the stage-2 fault's return
+                self.log = self.log.with_monitor(idx, self.entered)
+            log = self.log
             special = log.specials.get(idx) if idx <= log.n else None
             kind = special.kind if special is not None else Meets.NATIVE
             if self.pc in self.bps and not (special is not None and special.interrupt):
@@ -136,6 +144,8 @@ class IdealKvm:
                 self._retire()
                 if self.singlestep:
                     return self._debug(HSR_STEPPED | HSR_EX if self.pc_before in log.load_exclusive_pcs else HSR_STEPPED)
+                if kind != Meets.NATIVE:
+                    self.entered = self.idx    # a trap to EL2 and back
                 continue
             if kind in (Meets.EXCEPTION, Meets.SVC):
                 # an exception entry completes a step at the vector; only an
@@ -155,6 +165,7 @@ class IdealKvm:
                     self._retire()
                     if self.singlestep:
                         return self._debug(HSR_STEPPED)
+                    self.entered = self.idx
                     continue
                 self.mmio_open = True
                 self.exit_reason = ExitReason.MMIO

@@ -92,6 +92,26 @@ def test_store_exclusive_always_fails_under_single_step():
     assert log.outcome == Outcome.END and log.final_regs()["x2"] == 1
 
 
+@pytest.mark.parametrize("asm, entered, status", [
+    ("ldxr x1, [x9]\nadd x1, x1, #1\nstxr w2, x1, [x9]\nldr x4, [x9]", 0, 0),     # free since the load
+    ("ldxr x1, [x9]\nadd x1, x1, #1\nstxr w2, x1, [x9]\nldr x4, [x9]", 1, 1),     # an entry after it
+    ("ldxr x1, [x9]\nadd x9, x9, #8\nstxr w2, x1, [x9]\nldr x4, [x9]", 0, 1),     # another address
+    ("ldxr w1, [x9]\nadd x1, x1, #1\nstxr w2, x1, [x9]\nldr x4, [x9]", 0, 1),     # another size
+    ("ldxp x1, x5, [x9]\nadd x1, x1, #1\nstxp w2, x1, x5, [x9]\nldr x4, [x9]", 0, 0),
+])
+def test_store_exclusive_running_free_sees_the_monitor_of_the_last_entry(asm, entered, status):
+    """A model that runs the guest free tells it where the last exception
+    return from EL2 was (with_monitor): the store succeeds, and stores, only
+    if its load-exclusive came after it, at the same address and size."""
+    log = run(asm, {"x9": "0x40000"}, (CODE, {**DATA, "prefault": True}))
+    free = log.with_monitor(2, entered)
+    regs = free.final_regs()
+    assert free.outcome == Outcome.END and regs["x2"] == status
+    loaded = 0 if status else 1
+    assert regs["x4"] == (loaded if "add x9" not in asm else 0)
+    assert log.with_monitor(1, 0) is log and free.with_monitor(2, entered) is free   # not a store; no change
+
+
 @pytest.mark.parametrize("asm, regs, memory, outcome", [
     ("nop\nldp x1, x3, [x2]", {"x2": "0x20000000"}, (CODE, MMIO), Outcome.NO_SYNDROME),
     ("nop\nldr x1, [x2], #8", {"x2": "0x20000000"}, (CODE, MMIO), Outcome.NO_SYNDROME),

@@ -69,11 +69,13 @@ class GuestHw:
         self.bps: frozenset[int] = frozenset()   # hardware breakpoints (DBGBVR/DBGBCR)
         self.note = ""                # why this model ended a run itself
         self.exec_faults = True       # a page read first faults again on its first fetch ("exec")
+        self.entered = 0              # the instruction this entry from EL2 began at
 
     # ------------------------------------------------------------ entry
 
     def run(self) -> HwExit:
         """ERET into the guest; return the next exception to EL2."""
+        self.entered = self.idx
         if not self.stepping:
             return self._run_free()
         if self.irq_armed:
@@ -110,7 +112,10 @@ class GuestHw:
     def _attempt(self) -> HwExit | None:
         """Attempt the instruction at PC: the exit it causes, or None if it
         completed natively (then PSTATE.SS is the caller's business)."""
-        idx, log = self.idx, self.log
+        idx = self.idx
+        if not self.stepping:
+            self.log = self.log.with_monitor(idx, self.entered)
+        log = self.log
         if self.attempts == 0 and idx in self.irq_before:
             self.irq_before.discard(idx)
             self.irq_armed = True
