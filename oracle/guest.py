@@ -26,7 +26,7 @@ from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
 
 from .case import IPA_LIMIT, MAX_INSNS, MAX_RAM, PAGE, Case
-from .isa import B_SELF, EXCEPTIONS, MASK64, Insn, InsnClass, address, decode
+from .isa import B_SELF, EXCEPTIONS, MASK64, Insn, InsnClass, address, aligned_access, decode
 from .vocabulary import Meets, Outcome, SmcAbi
 
 ARENA = 0x10_0000_0000            # Unicorn-physical home of all guest RAM but the code pages
@@ -47,7 +47,8 @@ ESR_IL = 1 << 25                  # a 32-bit instruction
 # ESR_EL1.ISS of an FP/SIMD trap as QEMU (the CPU the real kernels run on here) reports it: CV = 1, COND = 0xe
 ISS_FP_TRAP = 0x1E00000
 # where each kind of exception taken from EL1 with SP_EL1 enters (VBAR_EL1 + offset)
-VECTOR_OF = {"svc": "sync", "undef": "sync", "fp": "sync", "irq": "irq", "fiq": "fiq"}
+VECTOR_OF = {"svc": "sync", "undef": "sync", "fp": "sync", "alignment": "sync", "irq": "irq", "fiq": "fiq"}
+DFSC_ALIGNMENT, ESR_WNR = 0x21, 1 << 6
 LINE_MASKS = (("irq", 1 << 7), ("fiq", 1 << 6))   # each line and its PSTATE mask bit; IRQ first: the lines are virtual (HCR_EL2.VI/VF) and QEMU takes VIRQ before VFIQ
 BUDGET_SLACK = 2                  # instructions run past max_steps, for models that overshoot
 
@@ -332,7 +333,7 @@ class Machine:
         self.fault: tuple[int, int] | None = None
         self.code_pages: dict[int, int] = {}
         self.stale_pages: dict[int, int] = {}   # the last case's code pages, while Unicorn may look them up
-        self.monitor_hooks: list[int] = []
+        self.aligned_hooks: list[int] = []
 
     # ------------------------------------------------------------ layout
 
@@ -365,12 +366,13 @@ class Machine:
             self._new_code_slot(case)
             stops = [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
             stops += [a for a, w in case.handler_words.items() if decode(w).stops]
-            # the exclusive monitor sees each load-exclusive's address as it runs
-            for hook in self.monitor_hooks:
+            # accesses that must be aligned are checked, and the exclusive
+            # monitor sees each load-exclusive's address, as they run
+            for hook in self.aligned_hooks:
                 uc.hook_del(hook)
-            loads = [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).load_exclusive]
-            loads += [a for a, w in case.handler_words.items() if decode(w).load_exclusive]
-            self.monitor_hooks = [uc.hook_add(ucc.UC_HOOK_CODE, self._on_load_exclusive, None, a, a) for a in loads]
+            aligned = [case.base + 4 * i for i, w in enumerate(case.words) if aligned_access(w)]
+            aligned += [a for a, w in case.handler_words.items() if aligned_access(w)]
+            self.aligned_hooks = [uc.hook_add(ucc.UC_HOOK_CODE, self._on_aligned_access, None, a, a) for a in aligned]
             # An exit address on the first word of a page makes Unicorn probe
             # a fetch below that page when a run ends elsewhere; a block always
             # starts there (no translation crosses a page), so the block hook
@@ -650,6 +652,7 @@ class Machine:
         self.dbgregs: dict[str, int] = {}
         self.monitor: tuple[int, int, int] | None = None    # the last load-exclusive: (index, address, size)
         self.monitor_since: int | None = None               # MONITOR_SINCE for the next store-exclusive
+        self.misaligned: tuple[int, int] | None = None      # (pc, address) of an access stopped before it faults
         pending: dict[int, list[tuple[str, int]]] = {}
         for i, reg, value in writes:
             pending.setdefault(i, []).append((reg, value))
@@ -800,6 +803,8 @@ class Machine:
 
     def _on_exit(self, pc: int) -> int:
         """Emulation stopped before an instruction that cannot run natively."""
+        if self.misaligned is not None and self.misaligned[0] == pc:
+            return self._alignment_fault(pc)
         insn = decode(self._word(pc))
         if insn.kind == InsnClass.STORE_EXCLUSIVE:
             return self._store_exclusive(pc, insn)
@@ -819,12 +824,29 @@ class Machine:
 
     # ------------------------------------------------------------ the exclusive monitor
 
-    def _on_load_exclusive(self, uc: Uc, pc: int, _size: int, _data) -> None:
-        """A load-exclusive is about to run: the local monitor marks its
-        address (LDXR/LDAXR/LDXP take [Xn|SP] only)."""
+    def _on_aligned_access(self, uc: Uc, pc: int, _size: int, _data) -> None:
+        """An access that must be aligned is about to run ([Xn|SP] only):
+        misaligned, it stops before it (the run loop takes the alignment
+        fault); a load-exclusive marks its address for the local monitor."""
         word = self._word(pc)
-        size = decode(word).size * (2 if (word >> 21) & 1 else 1)       # a pair marks both
-        self.monitor = (self._index(pc), self._base_reg((word >> 5) & 31), size)
+        insn = decode(word)
+        size = insn.size * (2 if insn.load_exclusive and (word >> 21) & 1 else 1)   # a pair: both
+        addr = self._base_reg((word >> 5) & 31)
+        if addr % size:
+            self.misaligned = (pc, addr)
+            uc.emu_stop()
+        elif insn.load_exclusive:
+            self.monitor = (self._index(pc), addr, size)
+
+    def _alignment_fault(self, pc: int) -> int:
+        """A data abort at EL1: ESR_EL1 EC 0x25, DFSC alignment, WnR; FAR_EL1
+        the address; nothing retires (the handler's ERET runs it again)."""
+        _, addr = self.misaligned
+        self.misaligned = None
+        insn = decode(self._word(pc))
+        write_sysreg(self.uc, *EL1_SYSREGS["far_el1"], addr)
+        esr = (EXCEPTIONS["alignment"].ec << 26) | ESR_IL | (ESR_WNR if insn.write else 0) | DFSC_ALIGNMENT
+        return self._take(pc, "alignment", esr)
 
     def _store_exclusive(self, pc: int, insn: Insn) -> int:
         """STXR/STLXR/STXP/STLXP.  The monitor was cleared by every exception

@@ -67,7 +67,16 @@ class GuestException:
 
 EXCEPTIONS = {"svc": GuestException(True, 0x15),
               "undef": GuestException(False, 0x00),      # UDF, HLT (halting debug disabled)
-              "fp": GuestException(False, 0x07)}         # FP/SIMD while CPACR_EL1.FPEN = 0
+              "fp": GuestException(False, 0x07),         # FP/SIMD while CPACR_EL1.FPEN = 0
+              "alignment": GuestException(False, 0x25)}  # a data abort at EL1 (see aligned_access)
+
+
+def aligned_access(w: int) -> bool:
+    """Must this load/store be aligned to its size whatever the memory type?
+    Load-acquire/store-release and load-exclusive (and, without FEAT_LSE2,
+    which neither Unicorn's Cortex-A72 nor QEMU 7.2's `max` has, that is
+    all sizes): a misaligned address is an alignment fault at EL1."""
+    return (w & 0x3FA00000) == 0x08800000 or (w & 0x3FC00000) == 0x08400000
 
 
 _PLAIN = Insn(InsnClass.PLAIN)

@@ -122,6 +122,9 @@ def test_store_exclusive_running_free_sees_the_monitor_of_the_last_entry(asm, en
     ("nop\nhvc #1", None, (CODE,), Outcome.UNSUPPORTED),
     ("nop\n.inst 0x00000000", None, (CODE,), Outcome.GUEST_EXCEPTION),
     ("nop\nfmov d0, #1.0", None, (CODE,), Outcome.GUEST_EXCEPTION),   # CPACR_EL1.FPEN = 0
+    ("nop\nldar x1, [x9]", {"x9": "0x40004"}, (CODE, DATA), Outcome.GUEST_EXCEPTION),   # misaligned: alignment
+    ("nop\nldaxr w1, [x9]", {"x9": "0x40002"}, (CODE, DATA), Outcome.GUEST_EXCEPTION),
+    ("nop\nstlrh w1, [x9]", {"x9": "0x20000001"}, (CODE, MMIO), Outcome.GUEST_EXCEPTION),  # before any MMIO exit
     ("nop\nbr x5", {"x5": "0x40000"}, (CODE, DATA), Outcome.LEFT_CODE),
     ("nop\nbr x5", {"x5": "0x10100"}, (CODE,), Outcome.LEFT_CODE),
     ("nop\nstr x1, [x5]", {"x5": "0x10004"}, (CODE,), Outcome.UNSUPPORTED),
@@ -131,6 +134,11 @@ def test_run_endings_stop_at_the_instruction(asm, regs, memory, outcome):
     assert log.outcome == outcome, log.detail
     assert log.n == len(asm.split("\n")) - 1 or outcome == Outcome.LEFT_CODE
     assert log.specials[log.n].kind == outcome and log.detail
+
+
+def test_only_ordered_and_exclusive_accesses_must_be_aligned():
+    log = run("nop\nldar w1, [x9]\nldr x1, [x9, #1]\nstr x1, [x9, #3]", {"x9": "0x40004"}, (CODE, DATA))
+    assert log.outcome == Outcome.END and log.n == 4
 
 
 def test_max_steps_bounds_a_guest_that_never_ends():
