@@ -98,10 +98,15 @@ static void need_cpus_for(const struct casedef *c)
 		preempt |= c->ev[i].what == DO_PREEMPT;
 	if (!as_init || !preempt || sysconf(_SC_NPROCESSORS_ONLN) >= 2)
 		return;
-	if (set_cpu_online(1, 1) < 0)
+	uint64_t t0 = now_ns();
+	if (set_cpu_online(1, 1) < 0) {
 		out("%ld note preempt: cannot bring CPU 1 online (%s)", c->id, strerror(errno));
-	else
-		cpu_hotplugged = 1;
+		return;
+	}
+	cpu_hotplugged = 1;
+	/* at once, so that a VM that dies after this says where it was */
+	out("cpu 1 online in %llu ms", (unsigned long long)((now_ns() - t0) / 1000000));
+	flush_out();
 }
 
 /* One batch from f: 0 when it is done, 1 on `quit` or the end of input, 2 on bad input. */
@@ -229,8 +234,11 @@ static int run_batch(FILE *f)
 			run_case(&c);
 			case_ns += now_ns() - t0;
 		} else if (!strcmp(tok, "end")) {
-			if (cpu_hotplugged && set_cpu_online(1, 0) == 0)
+			uint64_t t0 = now_ns();
+			if (cpu_hotplugged && set_cpu_online(1, 0) == 0) {
 				cpu_hotplugged = 0;
+				out("cpu 1 offline in %llu ms", (unsigned long long)((now_ns() - t0) / 1000000));
+			}
 			break;
 		} else {
 			out("fatal unknown batch token '%s'", tok);
