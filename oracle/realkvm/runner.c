@@ -68,9 +68,8 @@ static uint64_t case_ns;         /* time in whole cases, for `done` */
 
 /*
  * Under QEMU the guest boots with its second CPU offline (maxcpus=1, vm.py):
- * an online idle vCPU makes every case about half as fast again under TCG
- * (the guest kernel's ticks and TLB broadcasts on it).  Only the `preempt`
- * event needs it, to migrate to: a batch brings it online at its first case
+ * online and idle, it let two VMs on two cores run no faster than one
+ * (docs/real-kvm.md).  Only the `preempt` event needs it, to migrate to: a batch brings it online at its first case
  * with one, and takes it offline again at its end.
  */
 static int as_init;
