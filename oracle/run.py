@@ -63,13 +63,17 @@ def not_reproducible(case: Case, era: Era) -> str:
     return ""
 
 
-def check(case: Case, eras: list[Era], first_divergence_only: bool = False) -> list[Result]:
+def check(case: Case, eras: list[Era], first_divergence_only: bool = False,
+          known: ExecLog | None = None) -> list[Result]:
     """One execution of the guest (per SMC ABI, if the case has an SMC), then
     every era's model over it.  With first_divergence_only a model stops at
     its first differing stop: the divergence (and its signature) is the same,
     the rest of its trace is not computed (campaigns; `stepfuzz run` shows
-    whole traces)."""
+    whole traces).  `known`: an execution of `case` the caller already has
+    (an execution is a function of the case and its emulation)."""
     logs: dict[Emulation, ExecLog] = {}
+    if known is not None and not known.writes and (known.case is case or known.case == case):
+        logs[known.emulation] = known
     refs: dict[Emulation, RefTrace] = {}
     results = []
     smc = has_smc(case)        # (one log serves every era when the emulations cannot differ)

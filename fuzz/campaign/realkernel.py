@@ -396,7 +396,7 @@ def _run(cfg: KernelConfig, kernel: kernels.Kernel | None, era: Era, say) -> int
         infer_steps(real, log)
         tally.cases += 1
         progress.execs = tally.cases
-        c = compare_one(f"#{tally.cases}", case, real, era)
+        c = compare_one(f"#{tally.cases}", case, real, era, log)
         tally.statuses[c.status] += 1
         if c.status == "error":
             tally.errors[f"{real.end}: {real.detail}"[:120]] += 1

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..case import Case
 from ..compare import Divergence, compare
+from ..guest import ExecLog
 from ..kvm.eras import Era
 from ..run import Result, check
 from ..trace import RefTrace, Trace
@@ -130,11 +131,12 @@ def judge(c: Comparison) -> Verdict | None:
     return Verdict(c, kernel, verdict)
 
 
-def compare_one(source: str, case: Case, real: RealTrace, era: Era) -> Comparison:
-    """A real trace of `case` (steps inferred) against `era`'s model."""
+def compare_one(source: str, case: Case, real: RealTrace, era: Era, log: ExecLog | None = None) -> Comparison:
+    """A real trace of `case` (steps inferred) against `era`'s model (`log`:
+    the guest's execution, if the caller has it)."""
     if not real.compared or (real.failed and real.end != "timeout"):
         return Comparison(source, case, real)
-    (result,) = check(case, [era])
+    (result,) = check(case, [era], known=log)
     if result.model.outcome == Outcome.MAX_STEPS and not result.model.stepping_at_end:
         # the era's kernel lets the guest run free: a real one runs until a wall clock stops it
         real.end, real.detail = (f"{NOT_COMPARABLE}:runs-free", f"era {era.id}'s model runs past max_steps with "
