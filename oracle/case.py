@@ -187,6 +187,12 @@ class Case:
             return {}
         return {v.base + VECTOR_SLOTS[kind] + 4 * i: w for kind, words, _ in v.handlers for i, w in enumerate(words)}
 
+    def pcs_where(self, pred) -> list[int]:
+        """The addresses of the case's own instructions (code, then handlers)
+        whose word satisfies `pred`."""
+        return ([self.base + 4 * i for i, w in enumerate(self.words) if pred(w)]
+                + [a for a, w in self.handler_words.items() if pred(w)])
+
     def code_word(self, pc: int) -> int | None:
         """The instruction at `pc` if it is the case's own (code or a handler)."""
         if self.base <= pc < self.end:

@@ -364,15 +364,13 @@ class Machine:
             self.code_pages = {page: i for i, page in enumerate(pages)}   # page -> its place in the slot
             self.stale_pages = {page: phys for page, phys in old.items() if page not in self.code_pages}
             self._new_code_slot(case)
-            stops = [case.base + 4 * i for i, w in enumerate(case.words) if decode(w).stops]
-            stops += [a for a, w in case.handler_words.items() if decode(w).stops]
+            stops = case.pcs_where(lambda w: decode(w).stops)
             # accesses that must be aligned are checked, and the exclusive
             # monitor sees each load-exclusive's address, as they run
             for hook in self.aligned_hooks:
                 uc.hook_del(hook)
-            aligned = [case.base + 4 * i for i, w in enumerate(case.words) if aligned_access(w)]
-            aligned += [a for a, w in case.handler_words.items() if aligned_access(w)]
-            self.aligned_hooks = [uc.hook_add(ucc.UC_HOOK_CODE, self._on_aligned_access, None, a, a) for a in aligned]
+            self.aligned_hooks = [uc.hook_add(ucc.UC_HOOK_CODE, self._on_aligned_access, None, a, a)
+                                  for a in case.pcs_where(aligned_access)]
             # An exit address on the first word of a page makes Unicorn probe
             # a fetch below that page when a run ends elsewhere; a block always
             # starts there (no translation crosses a page), so the block hook

@@ -112,14 +112,15 @@ class IdealKvm:
                 return self._debug(HSR_NOT_STEPPED)
             if self.retired >= budget:        # (as the models bound a guest that runs free)
                 return self._end(Outcome.MAX_STEPS, "")
-            idx = self.idx
-            special = self.log.specials.get(idx) if idx <= self.log.n else None
+            log, idx = self.log, self.idx
+            special = log.specials.get(idx) if idx <= log.n else None
             if not self.singlestep:
                 if special is not None and special.faults:
                     self.entered = idx         # it runs again after the stage-2 fault's return
-                self.log = self.log.with_monitor(idx, self.entered)
-            log = self.log
-            special = log.specials.get(idx) if idx <= log.n else None
+                self.log = log.with_monitor(idx, self.entered)
+                if self.log is not log:        # a store-exclusive that succeeds: the guest's new path
+                    log = self.log
+                    special = log.specials.get(idx) if idx <= log.n else None
             kind = special.kind if special is not None else Meets.NATIVE
             if self.pc in self.bps and not (special is not None and special.interrupt):
                 return self._debug(HSR_BREAKPOINT)        # (an interrupt at this boundary comes first)
